@@ -1,0 +1,232 @@
+"""Noise stability optimisation as an Optax gradient transformation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nso_jax._src import estimator
+from nso_jax._src import noise as noise_lib
+from nso_jax._src import utils
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class NoiseStabilityState(NamedTuple):
+  """State of :func:`noise_stability`.
+
+  Attributes:
+    count: int32 number of updates taken; the argument of a ``sigma`` schedule.
+    key: the typed PRNG key of the next update.
+    value: float32 mean of the values ``grad_fn`` returned at the perturbed
+      weights in the last update, an estimate of the smoothed loss
+      ``E[L(W + U)]``; zero unless ``has_value=True``.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  value: jax.Array
+
+
+def noise_stability(
+    sigma: ScalarOrSchedule,
+    num_perturbations: int = 1,
+    *,
+    key: utils.KeyLike,
+    noise: noise_lib.NoiseName = "normal",
+    one_sided: bool = False,
+    clean_weight: float = 0.0,
+    has_value: bool = False,
+    execution: estimator.Execution = "auto",
+    chunk_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Replaces the gradient by the noise stability (NSO) gradient.
+
+  Each update draws ``k = num_perturbations`` noise samples ``U_j`` of
+  variance ``sigma**2`` per element and returns
+
+  .. math::
+
+    G = \frac{1}{2k} \sum_{j=1}^{k}
+        \left[\nabla L(W + U_j) + \nabla L(W - U_j)\right],
+
+  an estimate of the gradient of ``E[L(W + U)] = L(W) + (sigma**2 / 2)
+  tr(H(W)) + O(sigma**4)``, which steers training towards flat minima. Chain
+  it before any optimizer, which then steps at the unperturbed weights:
+  ``optax.chain(noise_stability(...), optax.sgd(...))``.
+
+  ``update`` takes the gradient function as a keyword-only extra argument,
+  ``tx.update(grads, state, params, grad_fn=grad_fn)``, and ignores other
+  extra arguments so the chain can carry them. The incoming ``grads`` are the
+  clean gradient at ``params``: they are used only when ``clean_weight > 0``
+  (then no extra evaluation is needed) and may be zeros otherwise.
+
+  The PRNG key is split once per update and kept in the state, so the same
+  key gives the same updates bit for bit, and a checkpointed state resumes
+  the same trajectory. Non-finite gradients are passed on unchanged (the key
+  and count still advance); wrap the chain in :func:`optax.apply_if_finite`
+  to skip such steps.
+
+  Args:
+    sigma: the noise standard deviation, a float >= 0 or a schedule mapping
+      the update count to it (e.g. ``optax.linear_schedule`` for a warm-up).
+    num_perturbations: ``k``, the number of noise pairs per update (``2k``
+      gradient evaluations; ``k`` if ``one_sided``).
+    key: an int seed or a PRNG key. Required: there is no default seed.
+    noise: ``"normal"`` (the paper's), ``"uniform"``, ``"laplace"`` or
+      ``"rademacher"``, all zero-mean with variance ``sigma**2``.
+    one_sided: perturb with ``+U_j`` only (random weight perturbation).
+    clean_weight: ``lam`` in [0, 1]; the update is ``lam * grads + (1 - lam)
+      * G``. The paper uses 0.
+    has_value: ``grad_fn`` returns ``(value, grads)`` with a scalar value, as
+      :func:`jax.value_and_grad` does; its mean over the perturbed weights is
+      kept in ``state.value`` for logging.
+    execution: how the pairs run: ``"auto"``, ``"vmap"``, ``"map"`` or
+      ``"unroll"``; see :func:`nso_jax.noise_stability_gradient`. The result
+      is the same up to floating-point summation order.
+    chunk_size: pairs per step of ``execution="map"`` (1: sequential).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: on invalid settings, or at ``update`` when ``grad_fn`` or
+      ``params`` is missing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> def loss(w, x):
+    ...   return jnp.mean((x @ w - 1.0) ** 2)
+    >>> x = jnp.ones((8, 3))
+    >>> params = jnp.zeros(3)
+    >>> tx = optax.chain(
+    ...     nso_jax.noise_stability(sigma=0.01, num_perturbations=2, key=0),
+    ...     optax.sgd(0.05, momentum=0.5),
+    ... )
+    >>> state = tx.init(params)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   grad_fn = lambda p: jax.grad(loss)(p, x)
+    ...   grads = jax.tree.map(jnp.zeros_like, params)  # unused: clean_weight=0
+    ...   updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    ...   return optax.apply_updates(params, updates), state
+    >>> for _ in range(20):
+    ...   params, state = step(params, state)
+    >>> print(f"{loss(params, x):.4f}")
+    0.0000
+    >>> int(state[0].count)
+    20
+
+  References:
+    Zhang, Li, Ju, `Noise Stability Optimization for Finding Flat Minima: A
+    Hessian-based Regularization Approach <https://arxiv.org/abs/2306.08553>`_,
+    TMLR 2024.
+  """
+  if not callable(sigma):
+    estimator.check_sigma(sigma)
+  num_perturbations_given = num_perturbations
+  if not isinstance(num_perturbations, jax.core.Tracer):
+    num_perturbations = utils.check_positive_int(num_perturbations, "num_perturbations")
+  noise_lib.check_noise(noise)
+  clean_weight = estimator.check_clean_weight(clean_weight)
+  estimator.check_execution(execution, chunk_size)
+  key = utils.canonicalize_key(key)
+
+  def init_fn(params):
+    del params
+    return NoiseStabilityState(
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+        value=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    if grad_fn is None:
+      raise ValueError(
+          "noise_stability needs the gradient function: call "
+          "`tx.update(grads, state, params, grad_fn=grad_fn)` with "
+          "`grad_fn(params) -> grads` (e.g. `lambda p: jax.grad(loss)(p, batch)`)."
+      )
+    if params is None:
+      raise ValueError(
+          "noise_stability perturbs the parameters: pass them to "
+          "`tx.update(grads, state, params, grad_fn=grad_fn)`."
+      )
+    k = utils.check_positive_int(num_perturbations_given, "num_perturbations")
+    step_key, next_key = jax.random.split(state.key)
+    sigma_now = sigma(state.count) if callable(sigma) else sigma
+    out = estimator.noise_stability_gradient(
+        grad_fn,
+        params,
+        step_key,
+        sigma=sigma_now,
+        num_perturbations=k,
+        noise=noise,
+        one_sided=one_sided,
+        clean_weight=clean_weight,
+        clean_gradient=updates if clean_weight > 0 else None,
+        has_value=has_value,
+        execution=execution,
+        chunk_size=chunk_size,
+    )
+    value = state.value
+    if has_value:
+      value, out = out
+      if jnp.ndim(value) != 0:
+        raise ValueError(
+            "with has_value=True, `grad_fn` must return a scalar value; got "
+            f"shape {jnp.shape(value)}. Use nso_jax.noise_stability_gradient "
+            "directly for pytree values."
+        )
+      value = jnp.asarray(value, jnp.float32)
+    new_state = NoiseStabilityState(
+        count=optax.safe_increment(state.count), key=next_key, value=value
+    )
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def nso(
+    optimizer: optax.GradientTransformation,
+    sigma: ScalarOrSchedule,
+    num_perturbations: int = 1,
+    *,
+    key: utils.KeyLike,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Bundles :func:`noise_stability` with a base optimizer.
+
+  ``nso(opt, sigma, k, key=key)`` is ``optax.chain(noise_stability(sigma, k,
+  key=key), opt)``: the base optimizer (and its weight decay) acts at the
+  unperturbed weights with the NSO gradient.
+
+  Args:
+    optimizer: the base optimizer, e.g. ``optax.sgd(0.1, momentum=0.9)`` or
+      ``optax.adamw(1e-3)``.
+    sigma: the noise standard deviation or its schedule.
+    num_perturbations: ``k``, the number of noise pairs per update.
+    key: an int seed or a PRNG key.
+    **kwargs: further options of :func:`noise_stability`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
+    ``grad_fn``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> tx = nso_jax.nso(optax.adamw(1e-3), sigma=0.01, num_perturbations=2, key=0)
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> type(state[0]).__name__
+    'NoiseStabilityState'
+  """
+  return optax.chain(
+      noise_stability(sigma, num_perturbations, key=key, **kwargs), optimizer
+  )
