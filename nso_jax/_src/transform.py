@@ -68,8 +68,11 @@ def noise_stability(
   The PRNG key is split once per update and kept in the state, so the same
   key gives the same updates bit for bit, and a checkpointed state resumes
   the same trajectory. Non-finite gradients are passed on unchanged (the key
-  and count still advance); wrap the chain in :func:`optax.apply_if_finite`
-  to skip such steps.
+  and count still advance); to skip such steps, wrap the optimizer that
+  follows: ``optax.chain(noise_stability(...), optax.apply_if_finite(opt,
+  max_consecutive_errors=5))``. Likewise, for gradient accumulation put
+  ``optax.MultiSteps(opt, n).gradient_transformation()`` after this
+  transformation, so that each micro-batch's NSO gradient is accumulated.
 
   Args:
     sigma: the noise standard deviation, a float >= 0 or a schedule mapping
