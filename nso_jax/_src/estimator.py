@@ -72,15 +72,21 @@ def check_sigma(sigma: Any) -> Any:
   return sigma
 
 
-def check_clean_weight(clean_weight: Any) -> float:
-  """Returns ``clean_weight`` as a float in [0, 1], or raises a ValueError."""
+def check_clean_weight(clean_weight: Any) -> Any:
+  """Returns a concrete ``clean_weight`` as a float in [0, 1].
+
+  A traced scalar (e.g. injected by ``optax.inject_hyperparams``) is returned
+  unchanged: its value cannot be checked at trace time.
+  """
+  if isinstance(clean_weight, jax.core.Tracer) and jnp.ndim(clean_weight) == 0:
+    return clean_weight
   try:
     value = float(clean_weight)
-  except (TypeError, jax.errors.ConcretizationTypeError):
+  except (TypeError, ValueError):
     value = math.nan
-  if not 0.0 <= value <= 1.0:
+  if isinstance(clean_weight, bool) or not 0.0 <= value <= 1.0:
     raise ValueError(
-        f"`clean_weight` must be a Python float in [0, 1], got {clean_weight!r}."
+        f"`clean_weight` must be a float in [0, 1], got {clean_weight!r}."
     )
   return value
 
@@ -207,7 +213,8 @@ def noise_stability_gradient(
       :func:`nso_jax.sample_noise`.
     one_sided: evaluate at ``W + U_j`` only.
     clean_weight: ``lam`` in [0, 1]; 0 (the paper's setting) needs no clean
-      gradient.
+      gradient. A traced value is accepted (then the clean gradient is always
+      used, weighted by it).
     clean_gradient: the gradient at ``params``, used when ``clean_weight > 0``.
     has_value: whether ``grad_fn`` returns ``(value, grads)``.
     execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
@@ -292,13 +299,15 @@ def noise_stability_gradient(
   value_sum, grad_sum = total
   scale = 1.0 / num_evaluations
   grads = jax.tree.map(lambda g: g * scale, grad_sum)
-  if clean_weight > 0.0:
+  if isinstance(clean_weight, jax.Array) or clean_weight > 0.0:
     if clean_gradient is None:
       clean = evaluate(params)[1]
     else:
       clean = _to_accumulator(clean_gradient)
+    lam = clean_weight
     grads = jax.tree.map(
-        lambda c, g: clean_weight * c + (1.0 - clean_weight) * g, clean, grads
+        # `where` keeps a non-finite clean gradient out when lam == 0.
+        lambda c, g: jnp.where(lam > 0, lam * c + (1 - lam) * g, g), clean, grads
     )
   grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grads_shape)
   if not has_value:

@@ -173,7 +173,7 @@ def noise_stability(
         noise=noise,
         one_sided=one_sided,
         clean_weight=clean_weight,
-        clean_gradient=updates if clean_weight > 0 else None,
+        clean_gradient=updates,
         has_value=has_value,
         execution=execution,
         chunk_size=chunk_size,
