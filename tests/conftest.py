@@ -5,10 +5,10 @@ import pytest
 
 def pytest_addoption(parser):
   parser.addoption(
-      "--full-scale",
-      action="store_true",
-      default=False,
-      help="run tests marked `slow` at their full statistical size",
+    "--full-scale",
+    action="store_true",
+    default=False,
+    help="run tests marked `slow` at their full statistical size",
   )
 
 

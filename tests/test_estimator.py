@@ -14,12 +14,12 @@ import nso_jax
 from nso_jax._src import noise as noise_lib
 
 EXECUTIONS = [
-    dict(execution="vmap"),
-    dict(execution="unroll"),
-    dict(execution="map"),
-    dict(execution="map", chunk_size=2),
-    dict(execution="map", chunk_size=3),
-    dict(execution="map", chunk_size=8),
+  dict(execution="vmap"),
+  dict(execution="unroll"),
+  dict(execution="map"),
+  dict(execution="map", chunk_size=2),
+  dict(execution="map", chunk_size=3),
+  dict(execution="map", chunk_size=8),
 ]
 
 # E[(z^2 - 1)^2] for unit-variance noise: Var(z^2) = E z^4 - 1.
@@ -50,16 +50,16 @@ def test_sample_noise_moments():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    sigma=st.floats(0.0, 1.0),
-    k=st.integers(1, 4),
-    noise=st.sampled_from(nso_jax.NOISE_DISTRIBUTIONS),
+  seed=st.integers(0, 2**31 - 1),
+  sigma=st.floats(0.0, 1.0),
+  k=st.integers(1, 4),
+  noise=st.sampled_from(nso_jax.NOISE_DISTRIBUTIONS),
 )
 def test_quadratic_loss_gives_exact_gradient(seed, sigma, k, noise):
   loss, a, b = _quadratic()
   w = jnp.linspace(-1.0, 1.0, 5)
   g = nso_jax.noise_stability_gradient(
-      jax.grad(loss), w, seed, sigma=sigma, num_perturbations=k, noise=noise
+    jax.grad(loss), w, seed, sigma=sigma, num_perturbations=k, noise=noise
   )
   # The +U and -U terms cancel exactly; what remains is float32 rounding of
   # A(W + U) with |U| up to ~5 sigma.
@@ -75,15 +75,20 @@ def test_quartic_loss_mean_matches_smoothed_gradient(noise, one_sided, full_scal
   w = jnp.array([1.0, -0.5, 2.0, 0.0])
   loss = lambda w: jnp.sum(w**4) / 4
   estimate = jax.jit(
-      jax.vmap(
-          lambda key: nso_jax.noise_stability_gradient(
-              jax.grad(loss), w, key, sigma=sigma, num_perturbations=k,
-              noise=noise, one_sided=one_sided,
-          )
+    jax.vmap(
+      lambda key: nso_jax.noise_stability_gradient(
+        jax.grad(loss),
+        w,
+        key,
+        sigma=sigma,
+        num_perturbations=k,
+        noise=noise,
+        one_sided=one_sided,
       )
+    )
   )
   samples = np.asarray(
-      estimate(jax.random.split(jax.random.key(7), num_keys)), np.float64
+    estimate(jax.random.split(jax.random.key(7), num_keys)), np.float64
   )
   expected = np.asarray(w**3 + 3 * sigma**2 * w)
   # Two-sided: G_i = w^3 + 3 w mean_j(u_j^2) exactly, so the standard error of
@@ -92,12 +97,12 @@ def test_quartic_loss_mean_matches_smoothed_gradient(noise, one_sided, full_scal
   if one_sided:
     stderr = samples.std(axis=0, ddof=1) / math.sqrt(num_keys)
   else:
-    stderr = 3 * np.abs(w) * sigma**2 * math.sqrt(
-        VARIANCE_OF_SQUARE[noise] / (k * num_keys)
+    stderr = (
+      3 * np.abs(w) * sigma**2 * math.sqrt(VARIANCE_OF_SQUARE[noise] / (k * num_keys))
     )
   float32_rounding = 1e-5 * np.abs(expected) + 1e-6
   np.testing.assert_array_less(
-      np.abs(samples.mean(0) - expected), 5 * stderr + float32_rounding
+    np.abs(samples.mean(0) - expected), 5 * stderr + float32_rounding
   )
 
 
@@ -105,7 +110,7 @@ def test_same_key_is_bitwise_identical_and_keys_differ():
   loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["b"] ** 4)
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
   run = lambda key: nso_jax.noise_stability_gradient(
-      jax.grad(loss), params, key, sigma=0.1, num_perturbations=3
+    jax.grad(loss), params, key, sigma=0.1, num_perturbations=3
   )
   chex.assert_trees_all_equal(run(3), run(jax.random.key(3)))
   with pytest.raises(AssertionError):
@@ -116,7 +121,7 @@ def test_jit_matches_eager():
   loss = lambda p: jnp.sum(jnp.cos(p) * p**2)
   w = jnp.linspace(-2, 2, 7)
   fn = lambda key: nso_jax.noise_stability_gradient(
-      jax.grad(loss), w, key, sigma=0.2, num_perturbations=3
+    jax.grad(loss), w, key, sigma=0.2, num_perturbations=3
   )
   key = jax.random.key(0)
   chex.assert_trees_all_close(fn(key), jax.jit(fn)(key), rtol=1e-6, atol=1e-6)
@@ -131,12 +136,12 @@ def test_every_execution_strategy_agrees(strategy):
   params = {"w1": jnp.linspace(-1, 1, 12).reshape(3, 4), "w2": jnp.ones(3)}
   kwargs = dict(sigma=0.1, num_perturbations=5)
   reference = nso_jax.noise_stability_gradient(
-      jax.grad(loss), params, 11, execution="vmap", **kwargs
+    jax.grad(loss), params, 11, execution="vmap", **kwargs
   )
   got = jax.jit(
-      lambda p: nso_jax.noise_stability_gradient(
-          jax.grad(loss), p, 11, **strategy, **kwargs
-      )
+    lambda p: nso_jax.noise_stability_gradient(
+      jax.grad(loss), p, 11, **strategy, **kwargs
+    )
   )(params)
   chex.assert_trees_all_close(got, reference, rtol=1e-5, atol=1e-6)
 
@@ -147,7 +152,7 @@ def test_pair_noise_depends_only_on_key_and_index():
   key, sigma = jax.random.key(5), 0.2
   grad = jax.grad(loss)
   g = lambda k: nso_jax.noise_stability_gradient(
-      grad, w, key, sigma=sigma, num_perturbations=k
+    grad, w, key, sigma=sigma, num_perturbations=k
   )
   u = sigma * nso_jax.sample_noise(jax.random.fold_in(key, 2), w)
   pair_2 = (grad(w + u) + grad(w - u)) / 2
@@ -165,7 +170,7 @@ def test_one_sided_uses_only_plus_perturbations():
   loss = lambda w: jnp.sum(w**3)
   w, key, sigma = jnp.array([1.0, 2.0]), jax.random.key(2), 0.5
   g = nso_jax.noise_stability_gradient(
-      jax.grad(loss), w, key, sigma=sigma, one_sided=True
+    jax.grad(loss), w, key, sigma=sigma, one_sided=True
   )
   u = sigma * nso_jax.sample_noise(jax.random.fold_in(key, 0), w)
   np.testing.assert_allclose(g, 3 * (w + u) ** 2, rtol=1e-6)
@@ -180,7 +185,7 @@ def test_clean_weight_mixes_clean_gradient():
   mixed = nso_jax.noise_stability_gradient(grad, w, 1, clean_weight=0.25, **kw)
   np.testing.assert_allclose(mixed, 0.25 * grad(w) + 0.75 * noisy, rtol=1e-6)
   given = nso_jax.noise_stability_gradient(
-      grad, w, 1, clean_weight=1.0, clean_gradient=jnp.array([7.0, 8.0]), **kw
+    grad, w, 1, clean_weight=1.0, clean_gradient=jnp.array([7.0, 8.0]), **kw
   )
   np.testing.assert_array_equal(given, [7.0, 8.0])
 
@@ -189,8 +194,12 @@ def test_has_value_averages_perturbed_values():
   loss = lambda w: jnp.sum(w**2)
   w, key, sigma = jnp.array([1.0, 2.0]), jax.random.key(4), 0.1
   value, grads = nso_jax.noise_stability_gradient(
-      jax.value_and_grad(loss), w, key, sigma=sigma, num_perturbations=2,
-      has_value=True,
+    jax.value_and_grad(loss),
+    w,
+    key,
+    sigma=sigma,
+    num_perturbations=2,
+    has_value=True,
   )
   us = [sigma * nso_jax.sample_noise(jax.random.fold_in(key, j), w) for j in (0, 1)]
   expected = np.mean([loss(w + s * u) for u in us for s in (1, -1)])
@@ -203,17 +212,21 @@ def test_pytree_value_with_aux():
     return jnp.sum(w**2), {"norm": jnp.linalg.norm(w)}
 
   (value, aux), grads = nso_jax.noise_stability_gradient(
-      jax.value_and_grad(loss, has_aux=True), jnp.ones(3), 0, sigma=0.01,
-      has_value=True,
+    jax.value_and_grad(loss, has_aux=True),
+    jnp.ones(3),
+    0,
+    sigma=0.01,
+    has_value=True,
   )
   assert value.shape == () and aux["norm"].shape == ()
   np.testing.assert_allclose(aux["norm"], math.sqrt(3), rtol=1e-3)
+  np.testing.assert_allclose(grads, 2 * jnp.ones(3), rtol=1e-5)
 
 
 def test_mixed_pytree_keeps_structure_and_dtypes():
   params = {
-      "dense": [jnp.ones((3, 2), jnp.bfloat16), jnp.zeros(2)],
-      "nested": ({"scale": jnp.ones((), jnp.float32)}, jnp.ones(4, jnp.float16)),
+    "dense": [jnp.ones((3, 2), jnp.bfloat16), jnp.zeros(2)],
+    "nested": ({"scale": jnp.ones((), jnp.float32)}, jnp.ones(4, jnp.float16)),
   }
 
   def loss(p):
@@ -222,34 +235,38 @@ def test_mixed_pytree_keeps_structure_and_dtypes():
 
   for strategy in EXECUTIONS[:3]:
     g = nso_jax.noise_stability_gradient(
-        jax.grad(loss), params, 0, sigma=0.01, num_perturbations=2, **strategy
+      jax.grad(loss), params, 0, sigma=0.01, num_perturbations=2, **strategy
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(g, params)
     chex.assert_trees_all_close(
-        jax.tree.map(lambda x: x.astype(jnp.float32), g),
-        jax.tree.map(lambda x: 2 * x.astype(jnp.float32), params),
-        rtol=2e-2,
-        atol=1e-2,
+      jax.tree.map(lambda x: x.astype(jnp.float32), g),
+      jax.tree.map(lambda x: 2 * x.astype(jnp.float32), params),
+      rtol=2e-2,
+      atol=1e-2,
     )
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        (dict(key=None), ValueError, "`key` is required"),
-        (dict(key="seed"), TypeError, "`key` must be"),
-        (dict(num_perturbations=0), ValueError, "`num_perturbations` must be an int >= 1, got 0"),
-        (dict(num_perturbations=2.5), ValueError, "`num_perturbations`"),
-        (dict(sigma=-0.1), ValueError, "`sigma` must be a finite float >= 0, got -0.1"),
-        (dict(sigma=float("nan")), ValueError, "`sigma`"),
-        (dict(sigma="big"), TypeError, "`sigma`"),
-        (dict(sigma=jnp.ones(2)), ValueError, "`sigma` must be a scalar"),
-        (dict(noise="cauchy"), ValueError, "`noise` must be one of"),
-        (dict(execution="pmap"), ValueError, "`execution` must be one of"),
-        (dict(execution="vmap", chunk_size=2), ValueError, "`chunk_size` applies only"),
-        (dict(execution="map", chunk_size=0), ValueError, "`chunk_size`"),
-        (dict(clean_weight=1.5), ValueError, "`clean_weight` must be"),
-    ],
+  ("kwargs", "error", "match"),
+  [
+    (dict(key=None), ValueError, "`key` is required"),
+    (dict(key="seed"), TypeError, "`key` must be"),
+    (
+      dict(num_perturbations=0),
+      ValueError,
+      "`num_perturbations` must be an int >= 1, got 0",
+    ),
+    (dict(num_perturbations=2.5), ValueError, "`num_perturbations`"),
+    (dict(sigma=-0.1), ValueError, "`sigma` must be a finite float >= 0, got -0.1"),
+    (dict(sigma=float("nan")), ValueError, "`sigma`"),
+    (dict(sigma="big"), TypeError, "`sigma`"),
+    (dict(sigma=jnp.ones(2)), ValueError, "`sigma` must be a scalar"),
+    (dict(noise="cauchy"), ValueError, "`noise` must be one of"),
+    (dict(execution="pmap"), ValueError, "`execution` must be one of"),
+    (dict(execution="vmap", chunk_size=2), ValueError, "`chunk_size` applies only"),
+    (dict(execution="map", chunk_size=0), ValueError, "`chunk_size`"),
+    (dict(clean_weight=1.5), ValueError, "`clean_weight` must be"),
+  ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, error, match):
   args = dict(key=0, sigma=0.1) | kwargs
@@ -262,15 +279,15 @@ def test_bad_params_and_grad_fn_raise_clear_errors():
     nso_jax.noise_stability_gradient(lambda p: p, {}, 0, sigma=0.1)
   with pytest.raises(TypeError, match=r"\['step'\] has dtype int32"):
     nso_jax.noise_stability_gradient(
-        lambda p: p, {"w": jnp.ones(2), "step": jnp.array(1)}, 0, sigma=0.1
+      lambda p: p, {"w": jnp.ones(2), "step": jnp.array(1)}, 0, sigma=0.1
     )
   with pytest.raises(ValueError, match="pass has_value=True"):
     nso_jax.noise_stability_gradient(
-        jax.value_and_grad(lambda w: jnp.sum(w**2)), jnp.ones(2), 0, sigma=0.1
+      jax.value_and_grad(lambda w: jnp.sum(w**2)), jnp.ones(2), 0, sigma=0.1
     )
   with pytest.raises(ValueError, match="must return a pair"):
     nso_jax.noise_stability_gradient(
-        lambda w: w, jnp.ones(2), 0, sigma=0.1, has_value=True
+      lambda w: w, jnp.ones(2), 0, sigma=0.1, has_value=True
     )
   with pytest.raises(ValueError, match="gradient of shape"):
     nso_jax.noise_stability_gradient(lambda w: w[:1], jnp.ones(2), 0, sigma=0.1)

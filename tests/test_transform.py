@@ -19,9 +19,9 @@ def _problem():
     return jnp.mean((pred - y) ** 2)
 
   params = {
-      "w": jnp.linspace(-0.5, 0.5, 12).reshape(3, 4),
-      "v": jnp.ones(4) * 0.1,
-      "b": jnp.zeros(()),
+    "w": jnp.linspace(-0.5, 0.5, 12).reshape(3, 4),
+    "v": jnp.ones(4) * 0.1,
+    "b": jnp.zeros(()),
   }
   return loss, params
 
@@ -44,13 +44,13 @@ def _train(tx, num_steps=4, params=None, state=None, jit=True):
 
 def test_same_key_same_trajectory_bitwise():
   make = lambda key: optax.chain(
-      nso_jax.noise_stability(0.05, 2, key=key), optax.sgd(0.1, momentum=0.9)
+    nso_jax.noise_stability(0.05, 2, key=key), optax.sgd(0.1, momentum=0.9)
   )
   a, state_a = _train(make(0))
   b, state_b = _train(make(jax.random.key(0)))
   chex.assert_trees_all_equal(a, b)
   chex.assert_trees_all_equal(
-      jax.random.key_data(state_a[0].key), jax.random.key_data(state_b[0].key)
+    jax.random.key_data(state_a[0].key), jax.random.key_data(state_b[0].key)
   )
   c, _ = _train(make(1))
   with pytest.raises(AssertionError):
@@ -71,11 +71,11 @@ def test_update_matches_estimator_with_split_key():
   updates, new_state = tx.update(params, state, params, grad_fn=jax.grad(loss))
   step_key, next_key = jax.random.split(jax.random.key(9))
   expected = nso_jax.noise_stability_gradient(
-      jax.grad(loss), params, step_key, sigma=0.05, num_perturbations=3
+    jax.grad(loss), params, step_key, sigma=0.05, num_perturbations=3
   )
   chex.assert_trees_all_equal(updates, expected)
   chex.assert_trees_all_equal(
-      jax.random.key_data(new_state.key), jax.random.key_data(next_key)
+    jax.random.key_data(new_state.key), jax.random.key_data(next_key)
   )
   assert new_state.count.dtype == jnp.int32 and int(new_state.count) == 1
 
@@ -87,10 +87,13 @@ def test_nso_alias_is_the_chain():
 
 
 @pytest.mark.parametrize(
-    "base",
-    [optax.sgd(0.05, momentum=0.9), optax.adamw(1e-2, weight_decay=1e-4),
-     optax.lion(1e-3)],
-    ids=["sgd", "adamw", "lion"],
+  "base",
+  [
+    optax.sgd(0.05, momentum=0.9),
+    optax.adamw(1e-2, weight_decay=1e-4),
+    optax.lion(1e-3),
+  ],
+  ids=["sgd", "adamw", "lion"],
 )
 def test_chains_with_optimizers_and_reduces_loss(base):
   loss, params = _problem()
@@ -123,15 +126,15 @@ def test_state_is_stable_under_lax_cond():
 
   def maybe_update(pred, state):
     return jax.lax.cond(
-        pred,
-        lambda s: tx.update(params, s, params, grad_fn=jax.value_and_grad(loss))[1],
-        lambda s: s,
-        state,
+      pred,
+      lambda s: tx.update(params, s, params, grad_fn=jax.value_and_grad(loss))[1],
+      lambda s: s,
+      state,
     )
 
   new_state = jax.jit(maybe_update)(True, state)
   chex.assert_trees_all_equal_shapes_and_dtypes(
-      jax.tree.map(jax.random.key_data, new_state.key), jax.random.key_data(state.key)
+    jax.tree.map(jax.random.key_data, new_state.key), jax.random.key_data(state.key)
   )
   assert new_state.count.dtype == jnp.int32 and new_state.value.dtype == jnp.float32
   assert int(new_state.count) == 1
@@ -141,7 +144,7 @@ def test_state_is_stable_under_lax_cond():
 def test_inject_hyperparams_sigma():
   loss, params = _problem()
   factory = optax.inject_hyperparams(
-      nso_jax.noise_stability, static_args=("num_perturbations",)
+    nso_jax.noise_stability, static_args=("num_perturbations",)
   )
   tx = factory(sigma=0.05, num_perturbations=2, key=0)
   state = tx.init(params)
@@ -160,7 +163,7 @@ def test_inject_hyperparams_sigma():
 def test_inject_hyperparams_without_static_k_explains():
   loss, params = _problem()
   tx = optax.inject_hyperparams(nso_jax.noise_stability)(
-      sigma=0.05, num_perturbations=2, key=0
+    sigma=0.05, num_perturbations=2, key=0
   )
   state = tx.init(params)
   with pytest.raises(ValueError, match="static_args"):
@@ -176,8 +179,11 @@ def test_sigma_schedule_is_evaluated_at_the_count():
   chex.assert_trees_all_close(updates, jax.grad(loss)(params), rtol=1e-6)
   updates, state = tx.update(params, state, params, grad_fn=jax.grad(loss))
   expected = nso_jax.noise_stability_gradient(
-      jax.grad(loss), params, jax.random.split(jax.random.split(jax.random.key(0))[1])[0],
-      sigma=schedule(1), num_perturbations=2,
+    jax.grad(loss),
+    params,
+    jax.random.split(jax.random.split(jax.random.key(0))[1])[0],
+    sigma=schedule(1),
+    num_perturbations=2,
   )
   chex.assert_trees_all_close(updates, expected, rtol=1e-6)
 
@@ -187,18 +193,21 @@ def test_multisteps_after_nso_accumulates_nso_gradients():
   x2 = jnp.linspace(0.0, 2.0, 24).reshape(8, 3)
   batches = [None, x2]
   tx = optax.chain(
-      nso_jax.noise_stability(0.05, 2, key=1),
-      optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation(),
+    nso_jax.noise_stability(0.05, 2, key=1),
+    optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation(),
   )
   state = tx.init(params)
   nso_grads = []
   for x in batches:
     grad_fn = jax.grad(loss) if x is None else jax.grad(lambda p, x=x: loss(p, x=x))
     nso_grads.append(
-        nso_jax.noise_stability_gradient(
-            grad_fn, params, jax.random.split(state[0].key)[0], sigma=0.05,
-            num_perturbations=2,
-        )
+      nso_jax.noise_stability_gradient(
+        grad_fn,
+        params,
+        jax.random.split(state[0].key)[0],
+        sigma=0.05,
+        num_perturbations=2,
+      )
     )
     updates, state = tx.update(params, state, params, grad_fn=grad_fn)
   expected = jax.tree.map(lambda a, b: -(a + b) / 2, *nso_grads)
@@ -212,8 +221,8 @@ def test_nan_gradients_pass_through_and_apply_if_finite_skips():
   updates, state = tx.update(params, tx.init(params), params, grad_fn=nan_grad)
   assert bool(jnp.all(jnp.isnan(updates["w"]))) and int(state.count) == 1
   safe = optax.chain(
-      nso_jax.noise_stability(0.05, key=0),
-      optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3),
+    nso_jax.noise_stability(0.05, key=0),
+    optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=3),
   )
   updates, state = safe.update(params, safe.init(params), params, grad_fn=nan_grad)
   chex.assert_trees_all_equal(updates, {"w": jnp.zeros(2)})
@@ -223,15 +232,23 @@ def test_nan_gradients_pass_through_and_apply_if_finite_skips():
 def test_has_value_keeps_mean_perturbed_loss_in_state():
   loss, params = _problem()
   tx = nso_jax.noise_stability(0.01, 2, key=0, has_value=True)
-  _, state = tx.update(params, tx.init(params), params, grad_fn=jax.value_and_grad(loss))
+  _, state = tx.update(
+    params, tx.init(params), params, grad_fn=jax.value_and_grad(loss)
+  )
   np.testing.assert_allclose(state.value, loss(params), rtol=1e-2)
-  assert optax.tree_utils.tree_get(
+  assert (
+    optax.tree_utils.tree_get(
       optax.chain(tx, optax.sgd(0.1)).init(params), "value"
-  ).dtype == jnp.float32
+    ).dtype
+    == jnp.float32
+  )
 
 
 def test_mixed_pytree_dtypes_through_chain():
-  params = {"a": jnp.ones((2, 2), jnp.bfloat16), "b": [jnp.ones(3), jnp.ones((), jnp.float16)]}
+  params = {
+    "a": jnp.ones((2, 2), jnp.bfloat16),
+    "b": [jnp.ones(3), jnp.ones((), jnp.float16)],
+  }
   loss = lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p))
   tx = nso_jax.nso(optax.sgd(0.1), 0.01, 2, key=0)
   updates, _ = tx.update(params, tx.init(params), params, grad_fn=jax.grad(loss))
@@ -259,15 +276,15 @@ def test_missing_arguments_raise_clear_errors():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        (dict(key=None), "`key` is required"),
-        (dict(num_perturbations=0), "`num_perturbations`"),
-        (dict(sigma=-1.0), "`sigma`"),
-        (dict(noise="binomial"), "`noise`"),
-        (dict(execution="map", chunk_size=-1), "`chunk_size`"),
-        (dict(clean_weight=-0.5), "`clean_weight`"),
-    ],
+  ("kwargs", "match"),
+  [
+    (dict(key=None), "`key` is required"),
+    (dict(num_perturbations=0), "`num_perturbations`"),
+    (dict(sigma=-1.0), "`sigma`"),
+    (dict(noise="binomial"), "`noise`"),
+    (dict(execution="map", chunk_size=-1), "`chunk_size`"),
+    (dict(clean_weight=-0.5), "`clean_weight`"),
+  ],
 )
 def test_bad_configuration_fails_at_build_time(kwargs, match):
   args = dict(sigma=0.01, key=0) | kwargs

@@ -52,8 +52,8 @@ def check_execution(execution: str, chunk_size: Any) -> tuple[str, int | None]:
     chunk_size = utils.check_positive_int(chunk_size, "chunk_size")
     if execution != "map":
       raise ValueError(
-          f"`chunk_size` applies only to execution='map', got chunk_size="
-          f"{chunk_size} with execution={execution!r}."
+        f"`chunk_size` applies only to execution='map', got chunk_size="
+        f"{chunk_size} with execution={execution!r}."
       )
   return execution, chunk_size
 
@@ -64,7 +64,7 @@ def check_sigma(sigma: Any) -> Any:
     if not (math.isfinite(sigma) and sigma >= 0):
       raise ValueError(f"`sigma` must be a finite float >= 0, got {sigma!r}.")
   elif isinstance(sigma, bool) or (
-      not isinstance(sigma, jax.Array) and not hasattr(sigma, "__array__")
+    not isinstance(sigma, jax.Array) and not hasattr(sigma, "__array__")
   ):
     raise TypeError(f"`sigma` must be a float, got {sigma!r}.")
   elif jnp.ndim(sigma) != 0:
@@ -85,9 +85,7 @@ def check_clean_weight(clean_weight: Any) -> Any:
   except (TypeError, ValueError):
     value = math.nan
   if isinstance(clean_weight, bool) or not 0.0 <= value <= 1.0:
-    raise ValueError(
-        f"`clean_weight` must be a float in [0, 1], got {clean_weight!r}."
-    )
+    raise ValueError(f"`clean_weight` must be a float in [0, 1], got {clean_weight!r}.")
   return value
 
 
@@ -109,15 +107,15 @@ def _check_gradient_structure(grad_fn, params, has_value):
   if has_value:
     if not (isinstance(out, tuple) and len(out) == 2):
       raise ValueError(
-          "with has_value=True, `grad_fn` must return a pair (value, grads) as "
-          f"jax.value_and_grad does; it returned {out}."
+        "with has_value=True, `grad_fn` must return a pair (value, grads) as "
+        f"jax.value_and_grad does; it returned {out}."
       )
     value_shape, grads_shape = out
     for leaf in jax.tree.leaves(value_shape):
       if not jnp.issubdtype(leaf.dtype, jnp.inexact):
         raise TypeError(
-            "the value returned by `grad_fn` is averaged over perturbations, so "
-            f"its leaves must be floating point; got a leaf of dtype {leaf.dtype}."
+          "the value returned by `grad_fn` is averaged over perturbations, so "
+          f"its leaves must be floating point; got a leaf of dtype {leaf.dtype}."
         )
   else:
     value_shape, grads_shape = None, out
@@ -125,39 +123,37 @@ def _check_gradient_structure(grad_fn, params, has_value):
   grads_struct = jax.tree.structure(grads_shape)
   if grads_struct != params_struct:
     hint = (
-        " If it returns (value, grads), pass has_value=True."
-        if isinstance(out, tuple) and not has_value
-        else ""
+      " If it returns (value, grads), pass has_value=True."
+      if isinstance(out, tuple) and not has_value
+      else ""
     )
     raise ValueError(
-        "`grad_fn(params)` must return gradients with the structure of "
-        f"`params`.{hint}\n  params: {params_struct}\n  gradients: {grads_struct}"
+      "`grad_fn(params)` must return gradients with the structure of "
+      f"`params`.{hint}\n  params: {params_struct}\n  gradients: {grads_struct}"
     )
-  for g, p in zip(
-      jax.tree.leaves(grads_shape), jax.tree.leaves(params), strict=True
-  ):
+  for g, p in zip(jax.tree.leaves(grads_shape), jax.tree.leaves(params), strict=True):
     if g.shape != jnp.shape(p):
       raise ValueError(
-          "`grad_fn(params)` returned a gradient of shape "
-          f"{g.shape} for a parameter of shape {jnp.shape(p)}."
+        "`grad_fn(params)` returned a gradient of shape "
+        f"{g.shape} for a parameter of shape {jnp.shape(p)}."
       )
   return value_shape, grads_shape
 
 
 def noise_stability_gradient(
-    grad_fn: GradFn,
-    params: Any,
-    key: utils.KeyLike,
-    *,
-    sigma: Any,
-    num_perturbations: int = 1,
-    noise: noise_lib.NoiseName = "normal",
-    one_sided: bool = False,
-    clean_weight: float = 0.0,
-    clean_gradient: Any = None,
-    has_value: bool = False,
-    execution: Execution = "auto",
-    chunk_size: int | None = None,
+  grad_fn: GradFn,
+  params: Any,
+  key: utils.KeyLike,
+  *,
+  sigma: Any,
+  num_perturbations: int = 1,
+  noise: noise_lib.NoiseName = "normal",
+  one_sided: bool = False,
+  clean_weight: float = 0.0,
+  clean_gradient: Any = None,
+  has_value: bool = False,
+  execution: Execution = "auto",
+  chunk_size: int | None = None,
 ) -> Any:
   r"""Estimates the gradient of the noise-smoothed loss at ``params``.
 
@@ -286,14 +282,12 @@ def noise_stability_gradient(
       chunk_indices = chunk_indices[:, 0]
     first, rest = chunk_indices[0], chunk_indices[1:]
     total, _ = jax.lax.scan(
-        lambda carry, idx: (_tree_add(carry, step_fn(idx)), None),
-        step_fn(first),
-        rest,
+      lambda carry, idx: (_tree_add(carry, step_fn(idx)), None),
+      step_fn(first),
+      rest,
     )
     if remainder:
-      total = _tree_add(
-          total, batched_pair_sum(jnp.arange(num_chunks * chunk, k))
-      )
+      total = _tree_add(total, batched_pair_sum(jnp.arange(num_chunks * chunk, k)))
 
   num_evaluations = k if one_sided else 2 * k
   value_sum, grad_sum = total
@@ -306,8 +300,10 @@ def noise_stability_gradient(
       clean = _to_accumulator(clean_gradient)
     lam = clean_weight
     grads = jax.tree.map(
-        # `where` keeps a non-finite clean gradient out when lam == 0.
-        lambda c, g: jnp.where(lam > 0, lam * c + (1 - lam) * g, g), clean, grads
+      # `where` keeps a non-finite clean gradient out when lam == 0.
+      lambda c, g: jnp.where(lam > 0, lam * c + (1 - lam) * g, g),
+      clean,
+      grads,
     )
   grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grads_shape)
   if not has_value:

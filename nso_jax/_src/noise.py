@@ -38,10 +38,10 @@ def _rademacher(key, shape, dtype):
 
 
 _SAMPLERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
-    "normal": _normal,
-    "uniform": _uniform,
-    "laplace": _laplace,
-    "rademacher": _rademacher,
+  "normal": _normal,
+  "uniform": _uniform,
+  "laplace": _laplace,
+  "rademacher": _rademacher,
 }
 
 NOISE_DISTRIBUTIONS: tuple[str, ...] = tuple(_SAMPLERS)
@@ -50,9 +50,7 @@ NOISE_DISTRIBUTIONS: tuple[str, ...] = tuple(_SAMPLERS)
 def check_noise(noise: str) -> str:
   """Returns ``noise`` if it names a distribution, else raises a ValueError."""
   if noise not in _SAMPLERS:
-    raise ValueError(
-        f"`noise` must be one of {NOISE_DISTRIBUTIONS}, got {noise!r}."
-    )
+    raise ValueError(f"`noise` must be one of {NOISE_DISTRIBUTIONS}, got {noise!r}.")
   return noise
 
 
@@ -62,9 +60,9 @@ def _check_float_leaves(tree: Any) -> None:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          "noise can only perturb floating-point parameters; the leaf at "
-          f"{jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}. Keep "
-          "non-trainable integer state out of the parameters."
+        "noise can only perturb floating-point parameters; the leaf at "
+        f"{jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}. Keep "
+        "non-trainable integer state out of the parameters."
       )
 
 
@@ -109,7 +107,7 @@ def sample_noise(key: jax.Array, tree: Any, noise: NoiseName = "normal") -> Any:
     return tree
   keys = jax.random.split(key, len(leaves))
   samples = [
-      sampler(k, jnp.shape(leaf), jnp.result_type(leaf))
-      for k, leaf in zip(keys, leaves, strict=True)
+    sampler(k, jnp.shape(leaf), jnp.result_type(leaf))
+    for k, leaf in zip(keys, leaves, strict=True)
   ]
   return jax.tree.unflatten(treedef, samples)

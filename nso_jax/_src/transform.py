@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nso_jax._src import estimator
+from nso_jax._src import estimator, utils
 from nso_jax._src import noise as noise_lib
-from nso_jax._src import utils
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -33,16 +32,16 @@ class NoiseStabilityState(NamedTuple):
 
 
 def noise_stability(
-    sigma: ScalarOrSchedule,
-    num_perturbations: int = 1,
-    *,
-    key: utils.KeyLike,
-    noise: noise_lib.NoiseName = "normal",
-    one_sided: bool = False,
-    clean_weight: float = 0.0,
-    has_value: bool = False,
-    execution: estimator.Execution = "auto",
-    chunk_size: int | None = None,
+  sigma: ScalarOrSchedule,
+  num_perturbations: int = 1,
+  *,
+  key: utils.KeyLike,
+  noise: noise_lib.NoiseName = "normal",
+  one_sided: bool = False,
+  clean_weight: float = 0.0,
+  has_value: bool = False,
+  execution: estimator.Execution = "auto",
+  chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the gradient by the noise stability (NSO) gradient.
 
@@ -143,53 +142,53 @@ def noise_stability(
   def init_fn(params):
     del params
     return NoiseStabilityState(
-        count=jnp.zeros([], jnp.int32),
-        key=key,
-        value=jnp.zeros([], jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      key=key,
+      value=jnp.zeros([], jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
     if grad_fn is None:
       raise ValueError(
-          "noise_stability needs the gradient function: call "
-          "`tx.update(grads, state, params, grad_fn=grad_fn)` with "
-          "`grad_fn(params) -> grads` (e.g. `lambda p: jax.grad(loss)(p, batch)`)."
+        "noise_stability needs the gradient function: call "
+        "`tx.update(grads, state, params, grad_fn=grad_fn)` with "
+        "`grad_fn(params) -> grads` (e.g. `lambda p: jax.grad(loss)(p, batch)`)."
       )
     if params is None:
       raise ValueError(
-          "noise_stability perturbs the parameters: pass them to "
-          "`tx.update(grads, state, params, grad_fn=grad_fn)`."
+        "noise_stability perturbs the parameters: pass them to "
+        "`tx.update(grads, state, params, grad_fn=grad_fn)`."
       )
     k = utils.check_positive_int(num_perturbations_given, "num_perturbations")
     step_key, next_key = jax.random.split(state.key)
     sigma_now = sigma(state.count) if callable(sigma) else sigma
     out = estimator.noise_stability_gradient(
-        grad_fn,
-        params,
-        step_key,
-        sigma=sigma_now,
-        num_perturbations=k,
-        noise=noise,
-        one_sided=one_sided,
-        clean_weight=clean_weight,
-        clean_gradient=updates,
-        has_value=has_value,
-        execution=execution,
-        chunk_size=chunk_size,
+      grad_fn,
+      params,
+      step_key,
+      sigma=sigma_now,
+      num_perturbations=k,
+      noise=noise,
+      one_sided=one_sided,
+      clean_weight=clean_weight,
+      clean_gradient=updates,
+      has_value=has_value,
+      execution=execution,
+      chunk_size=chunk_size,
     )
     value = state.value
     if has_value:
       value, out = out
       if jnp.ndim(value) != 0:
         raise ValueError(
-            "with has_value=True, `grad_fn` must return a scalar value; got "
-            f"shape {jnp.shape(value)}. Use nso_jax.noise_stability_gradient "
-            "directly for pytree values."
+          "with has_value=True, `grad_fn` must return a scalar value; got "
+          f"shape {jnp.shape(value)}. Use nso_jax.noise_stability_gradient "
+          "directly for pytree values."
         )
       value = jnp.asarray(value, jnp.float32)
     new_state = NoiseStabilityState(
-        count=optax.safe_increment(state.count), key=next_key, value=value
+      count=optax.safe_increment(state.count), key=next_key, value=value
     )
     return out, new_state
 
@@ -197,12 +196,12 @@ def noise_stability(
 
 
 def nso(
-    optimizer: optax.GradientTransformation,
-    sigma: ScalarOrSchedule,
-    num_perturbations: int = 1,
-    *,
-    key: utils.KeyLike,
-    **kwargs: Any,
+  optimizer: optax.GradientTransformation,
+  sigma: ScalarOrSchedule,
+  num_perturbations: int = 1,
+  *,
+  key: utils.KeyLike,
+  **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Bundles :func:`noise_stability` with a base optimizer.
 
@@ -231,5 +230,5 @@ def nso(
     'NoiseStabilityState'
   """
   return optax.chain(
-      noise_stability(sigma, num_perturbations, key=key, **kwargs), optimizer
+    noise_stability(sigma, num_perturbations, key=key, **kwargs), optimizer
   )

@@ -29,16 +29,15 @@ def canonicalize_key(key: KeyLike, name: str = "key") -> jax.Array:
   """
   if key is None:
     raise ValueError(
-        f"`{name}` is required: pass an int seed or a jax.random.key; "
-        "nso_jax never picks a default seed."
+      f"`{name}` is required: pass an int seed or a jax.random.key; "
+      "nso_jax never picks a default seed."
     )
   if isinstance(key, (bool, np.bool_)):
     raise TypeError(f"`{name}` must be an int seed or a PRNG key, got {key!r}.")
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     if key.shape != ():
       raise ValueError(
-          f"`{name}` must be a single PRNG key, got a key array of shape "
-          f"{key.shape}."
+        f"`{name}` must be a single PRNG key, got a key array of shape {key.shape}."
       )
     return key
   if isinstance(key, (int, np.integer)):
@@ -49,8 +48,8 @@ def canonicalize_key(key: KeyLike, name: str = "key") -> jax.Array:
   if arr is not None and jnp.issubdtype(arr.dtype, jnp.integer) and arr.shape == ():
     return jax.random.key(arr)
   raise TypeError(
-      f"`{name}` must be an int seed, a typed key from jax.random.key, or a "
-      f"uint32[2] key from jax.random.PRNGKey; got {key!r}."
+    f"`{name}` must be an int seed, a typed key from jax.random.key, or a "
+    f"uint32[2] key from jax.random.PRNGKey; got {key!r}."
   )
 
 
@@ -58,9 +57,9 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
   """Returns ``value`` as a Python int, or raises a ValueError naming it."""
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
-        f"`{name}` must be a concrete Python int, got a traced value; it fixes "
-        "array shapes, so mark it static (e.g. `static_args` of "
-        "optax.inject_hyperparams)."
+      f"`{name}` must be a concrete Python int, got a traced value; it fixes "
+      "array shapes, so mark it static (e.g. `static_args` of "
+      "optax.inject_hyperparams)."
     )
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
