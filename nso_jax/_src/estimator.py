@@ -29,19 +29,19 @@ def default_execution(backend: str | None = None) -> str:
   """Returns the execution strategy ``"auto"`` resolves to on ``backend``.
 
   Accelerators run all perturbed gradients as one batched computation
-  (``"vmap"``). On CPU, where batching brings no parallelism that XLA's own
-  threading does not already use, the evaluations are laid out one after the
-  other in the compiled graph (``"unroll"``), which was measured fastest (see
-  ``benchmarks/``).
+  (``"vmap"``). On CPU, where batching adds no parallelism beyond XLA's own
+  threading, a sequential ``lax.scan`` over the pairs (``"map"`` with chunk
+  size 1) was measured fastest, and it keeps memory flat in ``k``; see
+  ``benchmarks/``.
 
   Args:
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
 
   Returns:
-    ``"vmap"`` or ``"unroll"``.
+    ``"vmap"`` or ``"map"``.
   """
   backend = backend or jax.default_backend()
-  return "unroll" if backend == "cpu" else "vmap"
+  return "map" if backend == "cpu" else "vmap"
 
 
 def check_execution(execution: str, chunk_size: Any) -> tuple[str, int | None]:
