@@ -205,8 +205,9 @@ def noise_stability_gradient(
     sigma: the noise scale, a float >= 0 or a scalar array.
     num_perturbations: ``k``, the number of noise draws (pairs).
     noise: ``"normal"`` (the paper's), ``"uniform"``, ``"laplace"`` or
-      ``"rademacher"``, all of variance ``sigma**2``; see
-      :func:`nso_jax.sample_noise`.
+      ``"rademacher"``, all of variance ``sigma**2``, or ``"normal_fast"``, a
+      cheaper approximation of ``"normal"`` with the same first two moments;
+      see :func:`nso_jax.sample_noise`.
     one_sided: evaluate at ``W + U_j`` only.
     clean_weight: ``lam`` in [0, 1]; 0 (the paper's setting) needs no clean
       gradient. A traced value is accepted (then the clean gradient is always

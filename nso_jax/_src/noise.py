@@ -15,14 +15,38 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-NoiseName = Literal["normal", "uniform", "laplace", "rademacher"]
+NoiseName = Literal["normal", "normal_fast", "uniform", "laplace", "rademacher"]
 
 _SQRT3 = math.sqrt(3.0)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+# The sum of the four bytes of a uniform uint32 has mean 4 * 127.5 = 510 and
+# variance 4 * (256**2 - 1) / 12 = 21845.
+_BYTE_SUM_MEAN = 510
+_BYTE_SUM_INV_STD = 1.0 / math.sqrt(21845.0)
 
 
 def _normal(key, shape, dtype):
   return jax.random.normal(key, shape, dtype)
+
+
+def _normal_fast(key, shape, dtype):
+  """Approximately Gaussian, exactly standardised: a centred sum of 4 bytes.
+
+  One uint32 per element; its four bytes are i.i.d. uniform on {0, ..., 255},
+  so their sum ``s`` (a discrete Irwin-Hall variable) has mean 510 and
+  variance 21845 exactly, and ``(s - 510) / sqrt(21845)`` has mean 0 and
+  variance 1. It skips the inverse error function of ``jax.random.normal``:
+  the cost is that of the raw bits.
+  """
+  bits = jax.random.bits(key, shape, jnp.uint32)
+  # Pairwise byte sums in one pass (SWAR): two 9-bit sums per 16-bit lane.
+  mask = jnp.uint32(0x00FF00FF)
+  pair_sums = (bits & mask) + ((bits >> 8) & mask)
+  byte_sum = (pair_sums & jnp.uint32(0xFFFF)) + (pair_sums >> 16)
+  centred = byte_sum.astype(jnp.int32) - _BYTE_SUM_MEAN
+  compute_dtype = jnp.promote_types(dtype, jnp.float32)
+  z = centred.astype(compute_dtype) * jnp.asarray(_BYTE_SUM_INV_STD, compute_dtype)
+  return z.astype(dtype)
 
 
 def _uniform(key, shape, dtype):
@@ -39,18 +63,23 @@ def _rademacher(key, shape, dtype):
 
 _SAMPLERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
   "normal": _normal,
+  "normal_fast": _normal_fast,
   "uniform": _uniform,
   "laplace": _laplace,
   "rademacher": _rademacher,
 }
 
-NOISE_DISTRIBUTIONS: tuple[str, ...] = tuple(_SAMPLERS)
+# The exact distributions. "normal_fast" is accepted too: it samples an
+# approximation of "normal" (same first two moments), not a distribution of
+# its own.
+NOISE_DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "laplace", "rademacher")
+NOISE_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 
 
 def check_noise(noise: str) -> str:
-  """Returns ``noise`` if it names a distribution, else raises a ValueError."""
+  """Returns ``noise`` if it names a noise sampler, else raises a ValueError."""
   if noise not in _SAMPLERS:
-    raise ValueError(f"`noise` must be one of {NOISE_DISTRIBUTIONS}, got {noise!r}.")
+    raise ValueError(f"`noise` must be one of {NOISE_NAMES}, got {noise!r}.")
   return noise
 
 
@@ -73,6 +102,15 @@ def sample_noise(key: jax.Array, tree: Any, noise: NoiseName = "normal") -> Any:
   dtype:
 
   * ``"normal"``: :math:`z \sim N(0, 1)`;
+  * ``"normal_fast"``: an approximation of :math:`N(0, 1)` with the exact
+    first two moments, :math:`z = (s - 510) / \sqrt{21845}` where ``s`` is
+    the sum of the four bytes of one uniform random ``uint32`` (a discrete
+    Irwin-Hall variable): mean 0 and variance 1 exactly, symmetric, bounded
+    by :math:`|z| \le 3.451`, kurtosis 2.7 instead of 3, on a grid of 1021
+    values. NSO's smoothing term ``(sigma**2 / 2) tr(H)`` depends on the
+    first two moments only, so it is unchanged; the ``O(sigma**4)`` term
+    differs slightly. It costs the raw random bits alone, about 40% less
+    than ``"normal"`` on CPU (``benchmarks/noise_cost.py``);
   * ``"uniform"``: :math:`z \sim U(-\sqrt{3}, \sqrt{3})`;
   * ``"laplace"``: :math:`z \sim \mathrm{Laplace}(0, 1/\sqrt{2})`;
   * ``"rademacher"``: :math:`z = \pm 1` with equal probability.
