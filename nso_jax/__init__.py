@@ -4,9 +4,13 @@ Noise stability optimisation (Zhang, Li, Ju, TMLR 2024) trains towards flat
 minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 """
 
-from nso_jax._src.estimator import default_execution, noise_stability_gradient
-from nso_jax._src.noise import NOISE_DISTRIBUTIONS, sample_noise
-from nso_jax._src.transform import NoiseStabilityState, noise_stability, nso
+from nso_jax._src.estimator import default_execution
+from nso_jax._src.estimator import noise_stability_gradient
+from nso_jax._src.noise import NOISE_DISTRIBUTIONS
+from nso_jax._src.noise import sample_noise
+from nso_jax._src.transform import NoiseStabilityState
+from nso_jax._src.transform import noise_stability
+from nso_jax._src.transform import nso
 
 __version__ = "0.1.0"
 

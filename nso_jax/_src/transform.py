@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from nso_jax._src import estimator, utils
+from nso_jax._src import estimator
 from nso_jax._src import noise as noise_lib
+from nso_jax._src import utils
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 

@@ -1,0 +1,278 @@
+"""Flax glue: a Linen train state, an NNX gradient function, Orbax checkpoints.
+
+Optax transformations that need more than the gradient (such as
+:func:`nso_jax.noise_stability`, which needs ``grad_fn``) take it as an extra
+keyword argument of ``update``. Flax's own ``TrainState.apply_gradients`` does
+not forward such arguments; :class:`TrainState` does. ``nnx.Optimizer.update``
+forwards them, but NNX modules are stateful objects while ``grad_fn`` must map
+pure parameter arrays to gradients: :func:`nnx_grad_fn` builds it.
+
+Model state such as BatchNorm's running statistics must come from the clean
+forward pass only: the perturbed passes normalise with their own batch
+statistics and their state updates are discarded. Both helpers arrange that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax.training import train_state
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
+
+
+class TrainState(train_state.TrainState):
+  """A Linen train state that forwards extra arguments to ``tx.update``.
+
+  Like :class:`flax.training.train_state.TrainState`, plus a ``batch_stats``
+  field for models with BatchNorm (``None`` otherwise), and an
+  :meth:`apply_gradients` that passes ``grad_fn`` and any other extra
+  arguments on to the optimizer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> model = nn.Dense(1)
+    >>> x, y = jnp.ones((4, 3)), jnp.zeros((4, 1))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> state = training.TrainState.create(
+    ...     apply_fn=model.apply, params=params,
+    ...     tx=nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0))
+    >>> loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    >>> state = state.apply_gradients(
+    ...     grads=jax.tree.map(jnp.zeros_like, params), grad_fn=jax.grad(loss))
+    >>> int(state.step)
+    1
+  """
+
+  batch_stats: Any = None
+
+  def apply_gradients(
+    self,
+    *,
+    grads: Any,
+    grad_fn: Callable[..., Any] | None = None,
+    update_args: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+  ) -> TrainState:
+    """Applies one optimizer update.
+
+    Args:
+      grads: the gradient at ``self.params`` (for NSO with ``clean_weight=0``
+        it is not used and may be zeros).
+      grad_fn: passed to ``tx.update`` as ``grad_fn`` when given.
+      update_args: further keyword arguments for ``tx.update``.
+      **kwargs: fields to replace, as in Flax (e.g. ``batch_stats=...``).
+
+    Returns:
+      The new state, ``step`` incremented by one.
+    """
+    extra = dict(update_args or {})
+    if grad_fn is not None:
+      extra["grad_fn"] = grad_fn
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+      **kwargs,
+    )
+
+
+def train_step(
+  state: TrainState,
+  loss_fn: LossFn,
+  *,
+  clean_gradient: bool = True,
+) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step of a Linen model, with model state handled correctly.
+
+  ``loss_fn(params, batch_stats) -> (loss, aux)`` evaluates the model on the
+  current batch (close over it, and over the step's dropout key) and returns
+  the scalar loss and a dict ``aux`` that holds the updated statistics under
+  ``"batch_stats"`` (for models with BatchNorm) and any metrics to report.
+
+  The clean pass at ``state.params`` provides the new ``batch_stats``, the
+  reported loss and metrics, and (if ``clean_gradient``) the gradient passed
+  to ``tx.update``. The optimizer gets ``grad_fn(params)``, which runs the same
+  ``loss_fn`` from the same ``state.batch_stats`` and drops its ``aux``: the
+  perturbed passes of NSO normalise with batch statistics and leave the
+  running statistics alone. Every pass of a step sees the same batch and
+  dropout key, so the pair ``W + U``, ``W - U`` evaluates one loss function,
+  as the estimator's cancellation of odd-order terms requires.
+
+  Args:
+    state: the train state.
+    loss_fn: ``(params, batch_stats) -> (loss, aux)``.
+    clean_gradient: compute the gradient at ``state.params`` (needed by any
+      optimizer that reads it: plain SGD/Adam, SAM, NSO with
+      ``clean_weight > 0``). With ``False`` only a forward pass runs there, and
+      the optimizer receives zeros: right for NSO with ``clean_weight=0``,
+      which then costs exactly ``2k`` gradient evaluations.
+
+  Returns:
+    ``(new_state, metrics)``, ``metrics`` being ``{"loss": loss, **aux}``
+    without ``"batch_stats"``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import flax.linen as nn
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     x = nn.Dense(8)(x)
+    ...     x = nn.BatchNorm(use_running_average=not train)(x)
+    ...     return nn.Dense(1)(nn.relu(x))
+    >>> net, x, y = Net(), jnp.ones((4, 3)), jnp.zeros((4, 1))
+    >>> variables = net.init(jax.random.key(0), x, train=False)
+    >>> state = training.TrainState.create(
+    ...     apply_fn=net.apply, params=variables["params"],
+    ...     batch_stats=variables["batch_stats"],
+    ...     tx=nso_jax.nso(optax.sgd(0.1), sigma=0.01, num_perturbations=2, key=0))
+    >>> def loss_fn(params, batch_stats):
+    ...   out, updates = net.apply(
+    ...       {"params": params, "batch_stats": batch_stats}, x, train=True,
+    ...       mutable=["batch_stats"])
+    ...   return jnp.mean((out - y) ** 2), {"batch_stats": updates["batch_stats"]}
+    >>> step = jax.jit(lambda s: training.train_step(s, loss_fn, clean_gradient=False))
+    >>> state, metrics = step(state)
+    >>> sorted(metrics), int(state.step)
+    (['loss'], 1)
+  """
+  batch_stats = state.batch_stats
+
+  def clean_loss(params):
+    return loss_fn(params, batch_stats)
+
+  if clean_gradient:
+    (loss, aux), grads = jax.value_and_grad(clean_loss, has_aux=True)(state.params)
+  else:
+    loss, aux = clean_loss(state.params)
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+  aux = dict(aux)
+  new_batch_stats = aux.pop("batch_stats", batch_stats)
+
+  def grad_fn(params):
+    return jax.grad(clean_loss, has_aux=True)(params)[0]
+
+  state = state.apply_gradients(
+    grads=grads, grad_fn=grad_fn, batch_stats=new_batch_stats
+  )
+  return state, {"loss": loss, **aux}
+
+
+def nnx_grad_fn(
+  model: nnx.Module,
+  loss_fn: Callable[..., jax.Array],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  **kwargs: Any,
+) -> Callable[[Any], Any]:
+  """Builds ``grad_fn`` for ``nnx.Optimizer.update(model, grads, grad_fn=...)``.
+
+  ``nnx.Optimizer`` calls ``tx.update`` with the pure arrays of the ``wrt``
+  parameters; the returned function maps such arrays to the gradient of
+  ``loss_fn(model, *args, **kwargs)``, evaluated on a copy of ``model``
+  rebuilt with those parameters. Changes the passes make to the copy (BatchNorm
+  statistics, RNG counters) are discarded, so build ``grad_fn`` before the
+  clean pass: every perturbed pass then uses the dropout masks of the clean
+  pass, and only the clean pass updates the model's state.
+
+  Args:
+    model: the NNX module at its current state.
+    loss_fn: ``(model, *args, **kwargs) -> scalar loss``.
+    *args: positional arguments of ``loss_fn`` after the model (the batch).
+    wrt: the filter of trainable variables, as given to ``nnx.Optimizer``.
+    **kwargs: keyword arguments of ``loss_fn``.
+
+  Returns:
+    ``grad_fn(param_arrays) -> grads`` in the structure of
+    ``nnx.as_pure(nnx.state(model, wrt))``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(
+    ...     model, nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0), wrt=nnx.Param)
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> @nnx.jit
+    ... def step(model, optimizer, x, y):
+    ...   grad_fn = training.nnx_grad_fn(model, loss_fn, x, y)
+    ...   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    ...   optimizer.update(model, grads, grad_fn=grad_fn)
+    ...   return loss
+    >>> loss = step(model, optimizer, jnp.ones((4, 3)), jnp.zeros((4, 1)))
+    >>> int(optimizer.step[...])
+    1
+  """
+  graphdef, _, rest = nnx.split(model, wrt, ...)
+  # A snapshot of the arrays: the split state refers to the model's variables,
+  # which the clean pass then updates in place.
+  rest = nnx.as_pure(rest)
+
+  def loss_of_params(param_arrays):
+    copy = nnx.merge(graphdef, param_arrays, rest, copy=True)
+    return loss_fn(copy, *args, **kwargs)
+
+  return jax.grad(loss_of_params)
+
+
+def save_checkpoint(directory: str | os.PathLike[str], state: Any) -> None:
+  """Saves a pytree of arrays (a train state, typed PRNG keys included).
+
+  Args:
+    directory: where to write; it must not exist yet.
+    state: any pytree of arrays, e.g. a :class:`TrainState` (its ``apply_fn``
+      and ``tx`` are static and not saved) or ``nnx.state(optimizer)``.
+  """
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(directory), state)
+
+
+def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
+  """Restores a pytree saved by :func:`save_checkpoint` into ``target``'s shape.
+
+  Args:
+    directory: where the checkpoint was written.
+    target: a pytree with the structure, shapes and dtypes to restore, such as
+      a freshly created :class:`TrainState`; its values are not used.
+
+  Returns:
+    A pytree like ``target`` holding the saved values bit for bit.
+
+  Raises:
+    FileNotFoundError: if ``directory`` does not exist.
+  """
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(directory)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"`directory` {path!r} holds no checkpoint.")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, abstract)
+
+
+__all__ = [
+  "TrainState",
+  "nnx_grad_fn",
+  "restore_checkpoint",
+  "save_checkpoint",
+  "train_step",
+]

@@ -1,0 +1,19 @@
+"""Flax training helpers for noise stability optimisation (needs ``flax``).
+
+Linen: :class:`TrainState` and :func:`train_step`; NNX: :func:`nnx_grad_fn`;
+checkpoints with Orbax: :func:`save_checkpoint`, :func:`restore_checkpoint`.
+"""
+
+from nso_jax._src.training import TrainState
+from nso_jax._src.training import nnx_grad_fn
+from nso_jax._src.training import restore_checkpoint
+from nso_jax._src.training import save_checkpoint
+from nso_jax._src.training import train_step
+
+__all__ = [
+  "TrainState",
+  "nnx_grad_fn",
+  "restore_checkpoint",
+  "save_checkpoint",
+  "train_step",
+]
