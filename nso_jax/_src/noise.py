@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
+from typing import Literal
 
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 
 NoiseName = Literal["normal", "normal_fast", "uniform", "laplace", "rademacher"]
@@ -29,19 +31,36 @@ def _normal(key, shape, dtype):
   return jax.random.normal(key, shape, dtype)
 
 
+def _random_words(key, shape):
+  """Uniform random uint32 words; for threefry keys at half the usual cost.
+
+  With ``jax_threefry_partitionable`` (the default), ``jax.random.bits``
+  spends one threefry-2x32 hash (64 output bits) per 32-bit word and XORs the
+  two halves. Here each hash yields two words, the threefry construction JAX
+  used before: half the hashes for the same number of independent words.
+  Other key implementations fall back to ``jax.random.bits``.
+  """
+  if str(jax.random.key_impl(key)) != "threefry2x32":
+    return jax.random.bits(key, shape, jnp.uint32)
+  key_words = jax.random.key_data(key)
+  counts = jax.lax.iota(jnp.uint32, math.prod(shape))
+  words = jax_random_ext.threefry_2x32((key_words[0], key_words[1]), counts)
+  return words.reshape(shape)
+
+
 def _normal_fast(key, shape, dtype):
   """Approximately Gaussian, exactly standardised: a centred sum of 4 bytes.
 
-  One uint32 per element; its four bytes are i.i.d. uniform on {0, ..., 255},
-  so their sum ``s`` (a discrete Irwin-Hall variable) has mean 510 and
-  variance 21845 exactly, and ``(s - 510) / sqrt(21845)`` has mean 0 and
-  variance 1. It skips the inverse error function of ``jax.random.normal``:
-  the cost is that of the raw bits.
+  One random uint32 per element; its four bytes are i.i.d. uniform on
+  {0, ..., 255}, so their sum ``s`` (a discrete Irwin-Hall variable) has mean
+  510 and variance 21845 exactly, and ``(s - 510) / sqrt(21845)`` has mean 0
+  and variance 1. It skips the inverse error function of
+  ``jax.random.normal`` and draws its words two per threefry hash.
   """
-  bits = jax.random.bits(key, shape, jnp.uint32)
+  words = _random_words(key, shape)
   # Pairwise byte sums in one pass (SWAR): two 9-bit sums per 16-bit lane.
   mask = jnp.uint32(0x00FF00FF)
-  pair_sums = (bits & mask) + ((bits >> 8) & mask)
+  pair_sums = (words & mask) + ((words >> 8) & mask)
   byte_sum = (pair_sums & jnp.uint32(0xFFFF)) + (pair_sums >> 16)
   centred = byte_sum.astype(jnp.int32) - _BYTE_SUM_MEAN
   compute_dtype = jnp.promote_types(dtype, jnp.float32)
@@ -109,8 +128,9 @@ def sample_noise(key: jax.Array, tree: Any, noise: NoiseName = "normal") -> Any:
     by :math:`|z| \le 3.451`, kurtosis 2.7 instead of 3, on a grid of 1021
     values. NSO's smoothing term ``(sigma**2 / 2) tr(H)`` depends on the
     first two moments only, so it is unchanged; the ``O(sigma**4)`` term
-    differs slightly. It costs the raw random bits alone, about 40% less
-    than ``"normal"`` on CPU (``benchmarks/noise_cost.py``);
+    differs slightly. With threefry keys (the default) it costs less than
+    half of ``"normal"`` on CPU: the bits come two words per hash and no
+    inverse error function is needed (``benchmarks/noise_cost.py``);
   * ``"uniform"``: :math:`z \sim U(-\sqrt{3}, \sqrt{3})`;
   * ``"laplace"``: :math:`z \sim \mathrm{Laplace}(0, 1/\sqrt{2})`;
   * ``"rademacher"``: :math:`z = \pm 1` with equal probability.
