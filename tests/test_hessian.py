@@ -119,6 +119,26 @@ class TestHessianProducts:
     assert equations(3)[1] == 1
 
 
+  def test_products_keep_each_leaf_dtype(self, tiny):
+    params = {
+        "low": jnp.ones((3,), jnp.bfloat16),
+        "high": jnp.ones((2,), jnp.float32),
+    }
+    loss = lambda p, b: jnp.sum(p["low"].astype(jnp.float32) ** 2) * jnp.sum(
+        p["high"] ** 2
+    )
+    operator = hessian.hessian_operator(loss, params, [tiny.batch, tiny.batch])
+    product = operator.matvec(params)
+    assert jax.tree.map(lambda x: x.dtype, product) == {
+        "low": jnp.bfloat16, "high": jnp.float32
+    }
+    estimate = hessian.trace(loss, params, tiny.batch, 0, num_matvecs=4)
+    assert estimate.value.dtype == jnp.float32
+    # The Hessian's diagonal blocks are 2 |high|^2 I (3 x 3) and 2 |low|^2 I
+    # (2 x 2); at ones, tr(H) = 3 * 4 + 2 * 6, exact for Rademacher probes.
+    assert float(estimate.value) == pytest.approx(3 * 4 + 2 * 6, rel=1e-2)
+
+
 class TestGaussNewton:
 
   def test_matches_dense_jacobian_form(self, tiny):

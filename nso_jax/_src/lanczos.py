@@ -8,7 +8,8 @@ pytree (it needs an orthonormal basis); power iteration stays on pytrees.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

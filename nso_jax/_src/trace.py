@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +96,12 @@ def dimension(template: PyTree) -> int:
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """Returns the Euclidean inner product of two pytrees of the same structure."""
+  """The Euclidean inner product of two pytrees, accumulated in >= float32."""
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  products = [jnp.vdot(x, y) for x, y in zip(leaves_a, leaves_b, strict=True)]
+  products = [
+      jnp.vdot(x, y, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+      for x, y in zip(leaves_a, leaves_b, strict=True)
+  ]
   return sum(products[1:], products[0])
 
 
