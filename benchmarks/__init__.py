@@ -1,0 +1,1 @@
+"""Runnable benchmarks of nso_jax (not unit tests); see benchmarks/README.md."""
