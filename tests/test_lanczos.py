@@ -218,11 +218,14 @@ class TestSpectralDensity:
 
   def test_deterministic_and_independent_of_probe_batching(self):
     diagonal = jnp.linspace(-1.0, 1.0, 40) ** 3
-    run = lambda batch_size: hessian.stochastic_lanczos_quadrature(
-        lambda v: diagonal * v, jnp.zeros(40), 4, num_probes=3, num_steps=10,
-        grid_size=50, batch_size=batch_size,
+    run = jax.jit(
+        lambda key, batch_size: hessian.stochastic_lanczos_quadrature(
+            lambda v: diagonal * v, jnp.zeros(40), key, num_probes=3,
+            num_steps=10, grid_size=50, batch_size=batch_size,
+        ),
+        static_argnums=1,
     )
-    first, again, batched = run(None), run(None), run(2)
+    first, again, batched = run(4, None), run(4, None), run(4, 2)
     assert np.array_equal(first.density, again.density)
     np.testing.assert_allclose(batched.nodes, first.nodes, atol=1e-5)
 
