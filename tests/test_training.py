@@ -1,5 +1,9 @@
 """Flax Linen and NNX models trained with NSO, and checkpoint/resume."""
 
+import pathlib
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -165,6 +169,32 @@ def test_linen_checkpoint_resume_follows_the_same_trajectory(tmp_path):
   chex.assert_trees_all_equal(resumed.batch_stats, straight.batch_stats)
   chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
   assert int(resumed.step) == total
+
+
+def test_linen_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
+  total, split = 6, 2
+  straight, _ = _run_linen(_linen_state(_nso(key=5)), total)
+  first, _ = _run_linen(_linen_state(_nso(key=5)), split)
+  training.save_checkpoint(tmp_path / "ckpt", first)
+  worker = pathlib.Path(__file__).parent / "resume_worker.py"
+  output = tmp_path / "resumed.npz"
+  subprocess.run(
+    [
+      sys.executable,
+      str(worker),
+      str(tmp_path / "ckpt"),
+      str(total - split),
+      str(output),
+    ],
+    check=True,
+    capture_output=True,
+  )
+  with np.load(output) as resumed:
+    resumed_leaves = [resumed[f"arr_{i}"] for i in range(len(resumed.files))]
+  expected = jax.tree.leaves((straight.params, straight.batch_stats))
+  assert len(resumed_leaves) == len(expected)
+  for got, want in zip(resumed_leaves, expected, strict=True):
+    np.testing.assert_array_equal(got, np.asarray(want))
 
 
 def test_restore_missing_checkpoint_raises(tmp_path):
