@@ -4,6 +4,7 @@ Noise stability optimisation (Zhang, Li, Ju, TMLR 2024) trains towards flat
 minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 """
 
+from nso_jax import hessian
 from nso_jax._src.estimator import default_execution
 from nso_jax._src.estimator import noise_stability_gradient
 from nso_jax._src.noise import NOISE_DISTRIBUTIONS
@@ -18,6 +19,7 @@ __all__ = [
   "NOISE_DISTRIBUTIONS",
   "NoiseStabilityState",
   "default_execution",
+  "hessian",
   "noise_stability",
   "noise_stability_gradient",
   "nso",

@@ -3,9 +3,7 @@ parameter filters, the one-call measures, and validation of bad input."""
 
 from __future__ import annotations
 
-import doctest
 import itertools
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +17,6 @@ try:  # the tests directory is a plain folder or, in some layouts, a package
   import hessian_testing as ht
 except ImportError:
   from tests import hessian_testing as ht
-
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hessian.md"
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +41,16 @@ def random_like(tree, seed: int):
 def split_batch(batch, sizes):
   bounds = np.cumsum([0, *sizes])
   return [
-      jax.tree.map(lambda x, a=a, b=b: x[a:b], batch)
-      for a, b in itertools.pairwise(bounds)
+    jax.tree.map(lambda x, a=a, b=b: x[a:b], batch)
+    for a, b in itertools.pairwise(bounds)
   ]
 
 
 class TestHessianProducts:
-
   def test_hvp_matches_the_dense_hessian(self, problem):
     v = random_like(problem.params, 0)
     product = jax.jit(hessian.hvp, static_argnums=0)(
-        ht.loss_fn, problem.params, problem.batch, v
+      ht.loss_fn, problem.params, problem.batch, v
     )
     expected = problem.hessian @ flat(v)
     np.testing.assert_allclose(flat(product), expected, rtol=1e-4, atol=1e-4)
@@ -79,7 +74,7 @@ class TestHessianProducts:
     batches = iter(split_batch(problem.batch, [50, 46]))
     averaged = hessian.hessian_operator(ht.loss_fn, problem.params, batches).matvec(v)
     np.testing.assert_allclose(
-        flat(averaged), problem.hessian @ flat(v), rtol=1e-4, atol=1e-4
+      flat(averaged), problem.hessian @ flat(v), rtol=1e-4, atol=1e-4
     )
 
   def test_stacked_batches_with_padding_and_weights(self, problem):
@@ -90,8 +85,8 @@ class TestHessianProducts:
     pieces = split_batch(problem.batch, sizes)
     pad = lambda x, n: jnp.pad(x, [(0, 40 - n)] + [(0, 0)] * (x.ndim - 1))
     padded = [
-        jax.tree.map(lambda x, n=n: pad(x, n), piece)
-        for piece, n in zip(pieces, sizes, strict=True)
+      jax.tree.map(lambda x, n=n: pad(x, n), piece)
+      for piece, n in zip(pieces, sizes, strict=True)
     ]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
     stacked["mask"] = jnp.stack([jnp.arange(40) < n for n in sizes])
@@ -104,7 +99,7 @@ class TestHessianProducts:
     v = random_like(problem.params, 3)
     product = hessian.hessian_operator(masked_loss, problem.params, data).matvec(v)
     np.testing.assert_allclose(
-        flat(product), problem.hessian @ flat(v), rtol=1e-4, atol=1e-4
+      flat(product), problem.hessian @ flat(v), rtol=1e-4, atol=1e-4
     )
 
   def test_batches_are_accumulated_in_one_scan(self, tiny):
@@ -118,19 +113,19 @@ class TestHessianProducts:
     assert equations(3) == equations(30)
     assert equations(3)[1] == 1
 
-
   def test_products_keep_each_leaf_dtype(self, tiny):
     params = {
-        "low": jnp.ones((3,), jnp.bfloat16),
-        "high": jnp.ones((2,), jnp.float32),
+      "low": jnp.ones((3,), jnp.bfloat16),
+      "high": jnp.ones((2,), jnp.float32),
     }
-    loss = lambda p, b: jnp.sum(p["low"].astype(jnp.float32) ** 2) * jnp.sum(
-        p["high"] ** 2
+    loss = lambda p, b: (
+      jnp.sum(p["low"].astype(jnp.float32) ** 2) * jnp.sum(p["high"] ** 2)
     )
     operator = hessian.hessian_operator(loss, params, [tiny.batch, tiny.batch])
     product = operator.matvec(params)
     assert jax.tree.map(lambda x: x.dtype, product) == {
-        "low": jnp.bfloat16, "high": jnp.float32
+      "low": jnp.bfloat16,
+      "high": jnp.float32,
     }
     estimate = hessian.trace(loss, params, tiny.batch, 0, num_matvecs=4)
     assert estimate.value.dtype == jnp.float32
@@ -140,7 +135,6 @@ class TestHessianProducts:
 
 
 class TestGaussNewton:
-
   def test_matches_dense_jacobian_form(self, tiny):
     flat_params, unravel = ravel_pytree(tiny.params)
     outputs = lambda f: ht.model_fn(unravel(f), tiny.batch).reshape(-1)
@@ -149,11 +143,12 @@ class TestGaussNewton:
     num_examples = tiny.batch["x"].shape[0]
     dense = jacobian.T @ jacobian / num_examples
     operator = hessian.ggn_operator(
-        ht.model_fn, ht.per_example_loss, tiny.params, tiny.batch
+      ht.model_fn, ht.per_example_loss, tiny.params, tiny.batch
     )
     v = random_like(tiny.params, 0)
-    np.testing.assert_allclose(flat(operator.matvec(v)), dense @ flat(v), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      flat(operator.matvec(v)), dense @ flat(v), rtol=1e-4, atol=1e-5
+    )
 
   def test_equals_the_hessian_for_a_linear_model(self):
     x = jax.random.normal(jax.random.key(0), (20, 5))
@@ -169,59 +164,59 @@ class TestGaussNewton:
   def test_averages_unequal_batches(self, tiny):
     v = random_like(tiny.params, 4)
     full = hessian.ggn_operator(
-        ht.model_fn, ht.per_example_loss, tiny.params, tiny.batch
+      ht.model_fn, ht.per_example_loss, tiny.params, tiny.batch
     ).matvec(v)
     split = hessian.ggn_operator(
-        ht.model_fn, ht.per_example_loss, tiny.params, split_batch(tiny.batch, [5, 7])
+      ht.model_fn, ht.per_example_loss, tiny.params, split_batch(tiny.batch, [5, 7])
     ).matvec(v)
     np.testing.assert_allclose(flat(split), flat(full), rtol=1e-5, atol=1e-6)
 
 
 class TestParamFilter:
-
   def block(self, problem, layer):
     """The dense Hessian block of one layer, and that layer's flat indices."""
     selected = {
-        name: jax.tree.map(lambda x, n=name: jnp.full(x.shape, n == layer), sub)
-        for name, sub in problem.params.items()
+      name: jax.tree.map(lambda x, n=name: jnp.full(x.shape, n == layer), sub)
+      for name, sub in problem.params.items()
     }
     indices = np.flatnonzero(flat(selected))
     return problem.hessian[np.ix_(indices, indices)]
 
   @pytest.mark.parametrize(
-      "param_filter",
-      [
-          {"layer0": False, "layer1": True, "layer2": False},
-          lambda path, leaf: path[0].key == "layer1",
-      ],
-      ids=["mask", "callable"],
+    "param_filter",
+    [
+      {"layer0": False, "layer1": True, "layer2": False},
+      lambda path, leaf: path[0].key == "layer1",
+    ],
+    ids=["mask", "callable"],
   )
   def test_restricts_to_a_layer(self, problem, param_filter):
     operator = hessian.hessian_operator(
-        ht.loss_fn, problem.params, problem.batch, param_filter=param_filter
+      ht.loss_fn, problem.params, problem.batch, param_filter=param_filter
     )
     assert operator.template["layer0"] == {"b": None, "w": None}
     assert operator.dim == 40 * 40 + 40
     v = random_like(operator.template, 0)
     expected = self.block(problem, "layer1") @ flat(v)
-    np.testing.assert_allclose(
-        flat(operator.matvec(v)), expected, rtol=1e-4, atol=1e-4
-    )
+    np.testing.assert_allclose(flat(operator.matvec(v)), expected, rtol=1e-4, atol=1e-4)
 
   def test_layer_traces_match_the_dense_blocks(self, problem):
     # Each layer-wise estimate is exact in expectation: checked within 3 of
     # its own standard errors against the dense block trace.
     for layer in problem.params:
       estimate = hessian.trace(
-          ht.loss_fn, problem.params, problem.batch, 0, num_matvecs=30,
-          param_filter=lambda path, _, layer=layer: path[0].key == layer,
+        ht.loss_fn,
+        problem.params,
+        problem.batch,
+        0,
+        num_matvecs=30,
+        param_filter=lambda path, _, layer=layer: path[0].key == layer,
       )
       exact = np.trace(self.block(problem, layer))
       assert abs(float(estimate.value) - exact) <= 3 * float(estimate.stderr) + 1e-6
 
 
 class TestOneCallMeasures:
-
   def test_trace_under_jit_with_the_key_as_argument(self, tiny):
     @jax.jit
     def measure(params, batches, key):
@@ -238,13 +233,13 @@ class TestOneCallMeasures:
   @pytest.mark.parametrize("method", ["hutch++", "xtrace"])
   def test_trace_methods(self, tiny, method):
     estimate = hessian.trace(
-        ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=40, method=method
+      ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=40, method=method
     )
     assert abs(float(estimate.value) - tiny.trace) <= 4 * float(estimate.stderr) + 1e-4
 
   def test_paper_protocol_stops_early(self, tiny):
     estimate = hessian.trace(
-        ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=100, rtol=1e-3
+      ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=100, rtol=1e-3
     )
     assert 2 <= int(estimate.num_matvecs) <= 100
 
@@ -252,7 +247,7 @@ class TestOneCallMeasures:
     top = hessian.top_eigenvalues(ht.loss_fn, tiny.params, tiny.batch, 0, k=2)
     np.testing.assert_allclose(top, tiny.eigenvalues[::-1][:2], rtol=1e-4)
     bottom = hessian.eigenvalues(
-        ht.loss_fn, tiny.params, tiny.batch, 0, k=2, which="SA"
+      ht.loss_fn, tiny.params, tiny.batch, 0, k=2, which="SA"
     )
     np.testing.assert_allclose(bottom, tiny.eigenvalues[:2], rtol=1e-4, atol=1e-5)
     power = hessian.max_eigenvalue(ht.loss_fn, tiny.params, tiny.batch, 0)
@@ -261,15 +256,19 @@ class TestOneCallMeasures:
 
   def test_spectral_density(self, tiny):
     density = hessian.spectral_density(
-        ht.loss_fn, tiny.params, tiny.batch, 0, num_probes=2, num_steps=20,
-        grid_size=100,
+      ht.loss_fn,
+      tiny.params,
+      tiny.batch,
+      0,
+      num_probes=2,
+      num_steps=20,
+      grid_size=100,
     )
     assert density.grid.shape == density.density.shape == (100,)
     assert density.nodes.shape == (2, 20)
 
 
 class TestValidation:
-
   def test_non_scalar_loss(self, tiny):
     per_example = lambda p, b: ht.per_example_loss(ht.model_fn(p, b), b)
     with pytest.raises(ValueError, match=r"`loss_fn` must return a float scalar .*12"):
@@ -287,8 +286,10 @@ class TestValidation:
   def test_integer_leaf_can_be_filtered_out(self, tiny):
     params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}
     operator = hessian.hessian_operator(
-        lambda p, b: jnp.sum(p["w"] ** 2), params, tiny.batch,
-        param_filter={"w": True, "step": False},
+      lambda p, b: jnp.sum(p["w"] ** 2),
+      params,
+      tiny.batch,
+      param_filter={"w": True, "step": False},
     )
     product = operator.matvec({"w": jnp.ones(3), "step": None})
     np.testing.assert_allclose(product["w"], 2.0)
@@ -321,13 +322,13 @@ class TestValidation:
   def test_filter_that_selects_nothing(self, tiny):
     with pytest.raises(ValueError, match=r"`param_filter` selects no parameter"):
       hessian.hessian_operator(
-          ht.loss_fn, tiny.params, tiny.batch, param_filter=lambda *_: False
+        ht.loss_fn, tiny.params, tiny.batch, param_filter=lambda *_: False
       )
 
   def test_filter_with_the_wrong_structure(self, tiny):
     with pytest.raises(ValueError, match=r"`param_filter` must be a callable"):
       hessian.hessian_operator(
-          ht.loss_fn, tiny.params, tiny.batch, param_filter={"nope": True}
+        ht.loss_fn, tiny.params, tiny.batch, param_filter={"nope": True}
       )
 
   def test_unknown_method_and_rtol_misuse(self, tiny):
@@ -335,9 +336,7 @@ class TestValidation:
       hessian.trace(ht.loss_fn, tiny.params, tiny.batch, 0, method="exact")
     message = r"`rtol`=0.001 applies to method='hutchinson'"
     with pytest.raises(ValueError, match=message):
-      hessian.trace(
-          ht.loss_fn, tiny.params, tiny.batch, 0, method="xtrace", rtol=1e-3
-      )
+      hessian.trace(ht.loss_fn, tiny.params, tiny.batch, 0, method="xtrace", rtol=1e-3)
 
   def test_k_larger_than_the_dimension(self, tiny):
     with pytest.raises(ValueError, match=r"`k` must be at most the dimension .*\(38\)"):
@@ -349,23 +348,8 @@ class TestValidation:
 
   def test_traced_integer_setting(self, tiny):
     measure = lambda n: hessian.trace(
-        ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=n
+      ht.loss_fn, tiny.params, tiny.batch, 0, num_matvecs=n
     )
     message = r"`num_matvecs` must be a concrete Python int"
     with pytest.raises(ValueError, match=message):
       jax.jit(measure)(3)
-
-
-def test_docs_example_runs():
-  if not DOCS.exists():
-    pytest.skip("docs/hessian.md is not part of this checkout")
-  readme = DOCS.parents[1] / "README.md"
-  title = DOCS.read_text().splitlines()[0]
-  if readme.exists() and title in readme.read_text():
-    pytest.skip("the README carries this section; its doctest runs there")
-  result = doctest.testfile(
-      str(DOCS), module_relative=False,
-      optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-  )
-  assert result.attempted > 0
-  assert result.failed == 0
