@@ -133,8 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       plots=not args.no_plots,
       progress=not args.no_progress,
     )
+  except ValueError as error:
+    print(f"nso-jax: error: {error}", file=sys.stderr)
+    return 2
+  try:
     experiment.run(config)
-  except (ValueError, experiment.DataError) as error:
+  except experiment.DataError as error:
     print(f"nso-jax: error: {error}", file=sys.stderr)
     return 2
   return 0

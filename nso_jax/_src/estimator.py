@@ -282,12 +282,16 @@ def noise_stability_gradient(
     chunk_indices = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
     if chunk == 1:
       chunk_indices = chunk_indices[:, 0]
-    first, rest = chunk_indices[0], chunk_indices[1:]
-    total, _ = jax.lax.scan(
-      lambda carry, idx: (_tree_add(carry, step_fn(idx)), None),
-      step_fn(first),
-      rest,
-    )
+    if num_chunks == 1:
+      total = step_fn(chunk_indices[0])
+    else:
+      zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, _accumulation_dtype(s.dtype)),
+        (value_shape, grads_shape),
+      )
+      total, _ = jax.lax.scan(
+        lambda carry, idx: (_tree_add(carry, step_fn(idx)), None), zeros, chunk_indices
+      )
     if remainder:
       total = _tree_add(total, batched_pair_sum(jnp.arange(num_chunks * chunk, k)))
 

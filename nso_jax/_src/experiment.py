@@ -302,6 +302,10 @@ def train_optimizer(
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   n = len(x_train)
   steps = n // config.batch_size
+  if steps < 1:
+    raise DataError(
+      f"--batch-size {config.batch_size} exceeds the {n} training examples."
+    )
 
   def init(seed):
     params = model.init(jax.random.fold_in(jax.random.key(seed), 0), x_train[:1])
@@ -380,6 +384,10 @@ def make_curvature_measure(
   model = MLP(tuple(config.hidden), data.num_classes)
   size = min(config.hessian_samples, len(data.x_train))
   batch = (jnp.asarray(data.x_train[:size]), jnp.asarray(data.y_train[:size]))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batch[0][:1])
+  dim = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+  lanczos_steps = min(config.lanczos_steps, dim)
+  density_steps = min(config.density_steps, dim)
 
   def loss_fn(params, batch):
     return cross_entropy(model.apply({"params": params}, batch[0]), batch[1])
@@ -391,7 +399,7 @@ def make_curvature_measure(
       loss_fn, params, batch, trace_key, num_matvecs=config.hessian_matvecs
     )
     top = hessian.top_eigenvalues(
-      loss_fn, params, batch, eig_key, k=1, num_steps=config.lanczos_steps
+      loss_fn, params, batch, eig_key, k=1, num_steps=lanczos_steps
     )
     density = hessian.spectral_density(
       loss_fn,
@@ -399,7 +407,7 @@ def make_curvature_measure(
       batch,
       density_key,
       num_probes=config.density_probes,
-      num_steps=config.density_steps,
+      num_steps=density_steps,
       grid_size=400,
     )
     return estimate, top[0], density

@@ -79,7 +79,8 @@ class TrainState(train_state.TrainState):
     extra = dict(update_args or {})
     if grad_fn is not None:
       extra["grad_fn"] = grad_fn
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+    tx = optax.with_extra_args_support(self.tx)
+    updates, opt_state = tx.update(grads, self.opt_state, self.params, **extra)
     return self.replace(
       step=self.step + 1,
       params=optax.apply_updates(self.params, updates),

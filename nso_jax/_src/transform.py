@@ -82,7 +82,9 @@ def noise_stability(
       gradient evaluations; ``k`` if ``one_sided``).
     key: an int seed or a PRNG key. Required: there is no default seed.
     noise: ``"normal"`` (the paper's), ``"uniform"``, ``"laplace"`` or
-      ``"rademacher"``, all zero-mean with variance ``sigma**2``.
+      ``"rademacher"``, all zero-mean with variance ``sigma**2``; or
+      ``"normal_fast"``, a cheaper approximation of ``"normal"`` with the same
+      first two moments (see :func:`nso_jax.sample_noise`).
     one_sided: perturb with ``+U_j`` only (random weight perturbation).
     clean_weight: ``lam`` in [0, 1]; the update is ``lam * grads + (1 - lam)
       * G``. The paper uses 0.
@@ -133,9 +135,7 @@ def noise_stability(
   """
   if not callable(sigma):
     estimator.check_sigma(sigma)
-  num_perturbations_given = num_perturbations
-  if not isinstance(num_perturbations, jax.core.Tracer):
-    num_perturbations = utils.check_positive_int(num_perturbations, "num_perturbations")
+  num_perturbations = utils.check_positive_int(num_perturbations, "num_perturbations")
   noise_lib.check_noise(noise)
   clean_weight = estimator.check_clean_weight(clean_weight)
   estimator.check_execution(execution, chunk_size)
@@ -162,7 +162,6 @@ def noise_stability(
         "noise_stability perturbs the parameters: pass them to "
         "`tx.update(grads, state, params, grad_fn=grad_fn)`."
       )
-    k = utils.check_positive_int(num_perturbations_given, "num_perturbations")
     step_key, next_key = jax.random.split(state.key)
     sigma_now = sigma(state.count) if callable(sigma) else sigma
     out = estimator.noise_stability_gradient(
@@ -170,7 +169,7 @@ def noise_stability(
       params,
       step_key,
       sigma=sigma_now,
-      num_perturbations=k,
+      num_perturbations=num_perturbations,
       noise=noise,
       one_sided=one_sided,
       clean_weight=clean_weight,
