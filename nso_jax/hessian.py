@@ -32,7 +32,7 @@ from nso_jax._src.lanczos import lanczos_tridiag as lanczos_tridiag
 from nso_jax._src.lanczos import plot_spectral_density as plot_spectral_density
 from nso_jax._src.lanczos import power_iteration as power_iteration
 from nso_jax._src.lanczos import (
-    stochastic_lanczos_quadrature as stochastic_lanczos_quadrature,
+  stochastic_lanczos_quadrature as stochastic_lanczos_quadrature,
 )
 from nso_jax._src.trace import TraceEstimate as TraceEstimate
 from nso_jax._src.trace import hutch_pp as hutch_pp
@@ -40,26 +40,26 @@ from nso_jax._src.trace import hutchinson as hutchinson
 from nso_jax._src.trace import xtrace as xtrace
 
 __all__ = [
-    "LinearOperator",
-    "PowerIterationResult",
-    "SpectralDensity",
-    "StackedBatches",
-    "TraceEstimate",
-    "Tridiagonal",
-    "eigenvalues",
-    "ggn_operator",
-    "hessian_operator",
-    "hutch_pp",
-    "hutchinson",
-    "hvp",
-    "lanczos_eigenvalues",
-    "lanczos_tridiag",
-    "max_eigenvalue",
-    "plot_spectral_density",
-    "power_iteration",
-    "spectral_density",
-    "stochastic_lanczos_quadrature",
-    "top_eigenvalues",
-    "trace",
-    "xtrace",
+  "LinearOperator",
+  "PowerIterationResult",
+  "SpectralDensity",
+  "StackedBatches",
+  "TraceEstimate",
+  "Tridiagonal",
+  "eigenvalues",
+  "ggn_operator",
+  "hessian_operator",
+  "hutch_pp",
+  "hutchinson",
+  "hvp",
+  "lanczos_eigenvalues",
+  "lanczos_tridiag",
+  "max_eigenvalue",
+  "plot_spectral_density",
+  "power_iteration",
+  "spectral_density",
+  "stochastic_lanczos_quadrature",
+  "top_eigenvalues",
+  "trace",
+  "xtrace",
 ]

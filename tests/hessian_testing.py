@@ -27,8 +27,8 @@ def init_mlp(key: jax.Array, sizes: tuple[int, ...] = LAYER_SIZES) -> PyTree:
   for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
     key, weight_key, bias_key = jax.random.split(key, 3)
     params[f"layer{index}"] = {
-        "w": jax.random.normal(weight_key, (fan_in, fan_out)) / np.sqrt(fan_in),
-        "b": 0.1 * jax.random.normal(bias_key, (fan_out,)),
+      "w": jax.random.normal(weight_key, (fan_in, fan_out)) / np.sqrt(fan_in),
+      "b": 0.1 * jax.random.normal(bias_key, (fan_out,)),
     }
   return params
 
@@ -55,9 +55,9 @@ def loss_fn(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def make_data(
-    key: jax.Array,
-    num_examples: int = NUM_EXAMPLES,
-    sizes: tuple[int, ...] = LAYER_SIZES,
+  key: jax.Array,
+  num_examples: int = NUM_EXAMPLES,
+  sizes: tuple[int, ...] = LAYER_SIZES,
 ) -> dict[str, jax.Array]:
   """Regression data whose input scales differ, so the top of the spectrum is
   made of a few well-separated sharp directions."""

@@ -36,7 +36,7 @@ def eigenvalues_fn():
 
   def run(loss, params, batch, key, *, k, which, num_steps):
     return hessian.eigenvalues(
-        loss, params, batch, key, k=k, which=which, num_steps=num_steps
+      loss, params, batch, key, k=k, which=which, num_steps=num_steps
     )
 
   return jax.jit(run, static_argnames=("loss", "k", "which", "num_steps"))
@@ -48,52 +48,78 @@ def relative_error(got, expected) -> float:
 
 
 class TestEigenvaluesAgainstDense:
-
   @pytest.mark.parametrize("seed", [0, 1])
   def test_top_5_in_30_steps(self, problem, eigenvalues_fn, seed):
     got = eigenvalues_fn(
-        ht.loss_fn, problem.params, problem.batch, jax.random.key(seed),
-        k=5, which="LA", num_steps=30,
+      ht.loss_fn,
+      problem.params,
+      problem.batch,
+      jax.random.key(seed),
+      k=5,
+      which="LA",
+      num_steps=30,
     )
     assert relative_error(got, problem.eigenvalues[::-1][:5]) <= RTOL
 
   def test_bottom_5_in_60_steps(self, problem, eigenvalues_fn):
     got = eigenvalues_fn(
-        ht.loss_fn, problem.params, problem.batch, jax.random.key(0),
-        k=5, which="SA", num_steps=60,
+      ht.loss_fn,
+      problem.params,
+      problem.batch,
+      jax.random.key(0),
+      k=5,
+      which="SA",
+      num_steps=60,
     )
     assert relative_error(got, problem.eigenvalues[:5]) <= RTOL
 
   def test_bottom_5_of_a_separated_bottom_in_30_steps(self, problem, eigenvalues_fn):
     negated = lambda params, batch: -ht.loss_fn(params, batch)
     got = eigenvalues_fn(
-        negated, problem.params, problem.batch, jax.random.key(0),
-        k=5, which="SA", num_steps=30,
+      negated,
+      problem.params,
+      problem.batch,
+      jax.random.key(0),
+      k=5,
+      which="SA",
+      num_steps=30,
     )
     assert relative_error(got, -problem.eigenvalues[::-1][:5]) <= RTOL
 
   def test_largest_magnitude(self, problem, eigenvalues_fn):
     got = eigenvalues_fn(
-        ht.loss_fn, problem.params, problem.batch, jax.random.key(0),
-        k=3, which="LM", num_steps=40,
+      ht.loss_fn,
+      problem.params,
+      problem.batch,
+      jax.random.key(0),
+      k=3,
+      which="LM",
+      num_steps=40,
     )
     by_magnitude = problem.eigenvalues[np.argsort(-np.abs(problem.eigenvalues))]
     assert relative_error(got, by_magnitude[:3]) <= RTOL
 
   def test_eigenvectors_are_unit_pytrees_with_small_residuals(self, problem):
     values, vectors = hessian.top_eigenvalues(
-        ht.loss_fn, problem.params, problem.batch, 0, k=3, num_steps=30,
-        return_eigenvectors=True,
+      ht.loss_fn,
+      problem.params,
+      problem.batch,
+      0,
+      k=3,
+      num_steps=30,
+      return_eigenvectors=True,
     )
     assert jax.tree.structure(vectors) == jax.tree.structure(problem.params)
     for leaf, param in zip(
-        jax.tree.leaves(vectors), jax.tree.leaves(problem.params), strict=True
+      jax.tree.leaves(vectors), jax.tree.leaves(problem.params), strict=True
     ):
       assert leaf.shape == (3, *param.shape)
-    flat = np.stack([
+    flat = np.stack(
+      [
         np.asarray(ravel_pytree(jax.tree.map(lambda x, i=i: x[i], vectors))[0])
         for i in range(3)
-    ]).astype(np.float64)
+      ]
+    ).astype(np.float64)
     np.testing.assert_allclose(np.linalg.norm(flat, axis=1), 1.0, rtol=1e-5)
     residuals = problem.hessian @ flat.T - flat.T * np.asarray(values, np.float64)
     # Residual of a Ritz pair bounds its eigenvalue error; the top gap is ~1.
@@ -101,23 +127,22 @@ class TestEigenvaluesAgainstDense:
 
 
 class TestLanczosTridiag:
-
   def test_basis_is_orthonormal_and_tridiagonalises(self, problem):
     matvec, template = ht.matrix_operator(problem.hessian)
     v0 = jax.random.normal(jax.random.key(0), template.shape)
     result = jax.jit(hessian.lanczos_tridiag, static_argnums=(0, 2))(
-        matvec, v0, 50, jax.random.key(1)
+      matvec, v0, 50, jax.random.key(1)
     )
     basis = np.asarray(result.basis, np.float64)
     np.testing.assert_allclose(basis @ basis.T, np.eye(50), atol=1e-5)
     tridiagonal = (
-        np.diag(result.diagonal)
-        + np.diag(result.off_diagonal, 1)
-        + np.diag(result.off_diagonal, -1)
+      np.diag(result.diagonal)
+      + np.diag(result.off_diagonal, 1)
+      + np.diag(result.off_diagonal, -1)
     )
     scale = np.abs(problem.eigenvalues).max()
     np.testing.assert_allclose(
-        basis @ problem.hessian @ basis.T, tridiagonal, atol=1e-5 * scale
+      basis @ problem.hessian @ basis.T, tridiagonal, atol=1e-5 * scale
     )
 
   def test_invariant_subspace_restarts_without_nan(self):
@@ -126,9 +151,9 @@ class TestLanczosTridiag:
     diagonal = jnp.repeat(jnp.array([1.0, 2.0, 3.0]), 4)
     result = hessian.lanczos_tridiag(lambda v: diagonal * v, jnp.ones(12), 12, 0)
     ritz = np.linalg.eigvalsh(
-        np.diag(result.diagonal)
-        + np.diag(result.off_diagonal, 1)
-        + np.diag(result.off_diagonal, -1)
+      np.diag(result.diagonal)
+      + np.diag(result.off_diagonal, 1)
+      + np.diag(result.off_diagonal, -1)
     )
     assert np.all(np.isfinite(ritz))
     np.testing.assert_allclose(np.sort(ritz), np.sort(np.asarray(diagonal)), atol=1e-5)
@@ -138,29 +163,24 @@ class TestLanczosTridiag:
     matrix = ht.decaying_spectrum_matrix(jax.random.key(0), 20, decay=0.5)
     matrix = matrix - 0.5 * np.eye(20)  # some negative eigenvalues too
     got = hessian.lanczos_eigenvalues(
-        *ht.matrix_operator(matrix), 0, k=20, num_steps=20, which="SA"
+      *ht.matrix_operator(matrix), 0, k=20, num_steps=20, which="SA"
     )
     np.testing.assert_allclose(got, np.linalg.eigvalsh(matrix), atol=1e-5)
 
 
 class TestPowerIteration:
-
   def test_matches_the_largest_eigenvalue(self, problem):
     result = jax.jit(
-        lambda params, batch, key: hessian.max_eigenvalue(
-            ht.loss_fn, params, batch, key
-        )
+      lambda params, batch, key: hessian.max_eigenvalue(ht.loss_fn, params, batch, key)
     )(problem.params, problem.batch, jax.random.key(0))
     assert relative_error(result.eigenvalue, problem.eigenvalues[-1]) <= RTOL
     assert 1 <= int(result.num_iters) <= 100
-    assert jax.tree.structure(result.eigenvector) == jax.tree.structure(
-        problem.params
-    )
+    assert jax.tree.structure(result.eigenvector) == jax.tree.structure(problem.params)
 
   def test_a_loose_tolerance_stops_early(self):
     diagonal = jnp.linspace(0.0, 1.0, 50)
     result = hessian.power_iteration(
-        lambda v: diagonal * v, jnp.zeros(50), 0, num_iters=100, tol=1e-2
+      lambda v: diagonal * v, jnp.zeros(50), 0, num_iters=100, tol=1e-2
     )
     assert int(result.num_iters) < 100
 
@@ -173,15 +193,19 @@ class TestPowerIteration:
 @pytest.fixture(scope="module")
 def density(problem):
   return jax.jit(
-      lambda params, batch, key: hessian.spectral_density(
-          ht.loss_fn, params, batch, key, num_probes=8, num_steps=60,
-          grid_size=2000,
-      )
+    lambda params, batch, key: hessian.spectral_density(
+      ht.loss_fn,
+      params,
+      batch,
+      key,
+      num_probes=8,
+      num_steps=60,
+      grid_size=2000,
+    )
   )(problem.params, problem.batch, jax.random.key(0))
 
 
 class TestSpectralDensity:
-
   def test_integrates_to_one(self, density):
     grid, values = np.asarray(density.grid), np.asarray(density.density)
     assert np.all(values >= 0)
@@ -195,7 +219,7 @@ class TestSpectralDensity:
     per_probe = np.sum(np.asarray(density.nodes) * np.asarray(density.weights), axis=1)
     quadrature_mean = per_probe.mean()
     assert np.trapezoid(grid * values, grid) == pytest.approx(
-        quadrature_mean, abs=1e-3 * np.abs(problem.eigenvalues).max()
+      quadrature_mean, abs=1e-3 * np.abs(problem.eigenvalues).max()
     )
     standard_error = per_probe.std(ddof=1) / np.sqrt(len(per_probe))
     exact = problem.trace / problem.hessian.shape[0]
@@ -210,8 +234,14 @@ class TestSpectralDensity:
   def test_fixed_bounds_and_bandwidth(self):
     diagonal = jnp.linspace(0.0, 1.0, 40)
     density = hessian.stochastic_lanczos_quadrature(
-        lambda v: diagonal * v, jnp.zeros(40), 0, num_probes=2, num_steps=10,
-        grid_size=50, bounds=(-1.0, 2.0), bandwidth=0.1,
+      lambda v: diagonal * v,
+      jnp.zeros(40),
+      0,
+      num_probes=2,
+      num_steps=10,
+      grid_size=50,
+      bounds=(-1.0, 2.0),
+      bandwidth=0.1,
     )
     assert float(density.grid[0]) == -1.0 and float(density.grid[-1]) == 2.0
     assert float(density.bandwidth) == pytest.approx(0.1)
@@ -219,11 +249,16 @@ class TestSpectralDensity:
   def test_deterministic_and_independent_of_probe_batching(self):
     diagonal = jnp.linspace(-1.0, 1.0, 40) ** 3
     run = jax.jit(
-        lambda key, batch_size: hessian.stochastic_lanczos_quadrature(
-            lambda v: diagonal * v, jnp.zeros(40), key, num_probes=3,
-            num_steps=10, grid_size=50, batch_size=batch_size,
-        ),
-        static_argnums=1,
+      lambda key, batch_size: hessian.stochastic_lanczos_quadrature(
+        lambda v: diagonal * v,
+        jnp.zeros(40),
+        key,
+        num_probes=3,
+        num_steps=10,
+        grid_size=50,
+        batch_size=batch_size,
+      ),
+      static_argnums=1,
     )
     first, again, batched = run(4, None), run(4, None), run(4, 2)
     assert np.array_equal(first.density, again.density)
@@ -239,11 +274,10 @@ class TestSpectralDensity:
 
 
 class TestJitAndDeterminism:
-
   def test_same_key_bitwise_and_jit_matches_eager(self):
     tiny = ht.tiny_problem()
     run = lambda params, batch, key: hessian.top_eigenvalues(
-        ht.loss_fn, params, batch, key, k=3, num_steps=10
+      ht.loss_fn, params, batch, key, k=3, num_steps=10
     )
     compiled = jax.jit(run)
     first = compiled(tiny.params, tiny.batch, jax.random.key(1))
@@ -254,7 +288,6 @@ class TestJitAndDeterminism:
 
 
 class TestValidation:
-
   def test_k_larger_than_the_dimension(self):
     message = r"`k` must be at most the dimension .*\(5\), got k=6"
     with pytest.raises(ValueError, match=message):
@@ -281,11 +314,11 @@ class TestValidation:
   def test_bad_bandwidth_and_bounds(self):
     with pytest.raises(ValueError, match=r"`bandwidth` must be a float > 0"):
       hessian.stochastic_lanczos_quadrature(
-          lambda v: v, jnp.zeros(4), 0, bandwidth=-1.0
+        lambda v: v, jnp.zeros(4), 0, bandwidth=-1.0
       )
     with pytest.raises(ValueError, match=r"`bounds` must satisfy low < high"):
       hessian.stochastic_lanczos_quadrature(
-          lambda v: v, jnp.zeros(4), 0, bounds=(1.0, 0.0)
+        lambda v: v, jnp.zeros(4), 0, bounds=(1.0, 0.0)
       )
 
   def test_power_iteration_num_iters(self):

@@ -15,9 +15,9 @@ except ImportError:
   from tests import hessian_testing as ht
 
 ESTIMATORS = {
-    "hutchinson": hessian.hutchinson,
-    "hutch++": hessian.hutch_pp,
-    "xtrace": hessian.xtrace,
+  "hutchinson": hessian.hutchinson,
+  "hutch++": hessian.hutch_pp,
+  "xtrace": hessian.xtrace,
 }
 
 
@@ -47,16 +47,14 @@ def replicate(estimator, matvec, template, num_replicates, **options):
   keys = jax.random.split(jax.random.key(1234), num_replicates)
   result = run(keys)
   return (
-      np.asarray(result.value, np.float64),
-      np.asarray(result.stderr, np.float64),
+    np.asarray(result.value, np.float64),
+    np.asarray(result.stderr, np.float64),
   )
 
 
 def test_hutchinson_is_exact_on_a_diagonal_with_rademacher_probes():
   diagonal = jnp.arange(1.0, 51.0)
-  estimate = hessian.hutchinson(
-      lambda v: diagonal * v, jnp.zeros(50), 0, num_matvecs=3
-  )
+  estimate = hessian.hutchinson(lambda v: diagonal * v, jnp.zeros(50), 0, num_matvecs=3)
   assert float(estimate.value) == pytest.approx(float(diagonal.sum()), rel=1e-6)
   assert float(estimate.stderr) == 0.0
   assert int(estimate.num_matvecs) == 3
@@ -76,12 +74,15 @@ def replicates(request, mlp_operator):
   """Independent estimates (and their stderrs) of each estimator, 12 matvecs."""
   num_replicates = 400 if ht.full_scale(request) else 100
   runs = {
-      name: replicate(estimator, *mlp_operator, num_replicates, num_matvecs=12)
-      for name, estimator in ESTIMATORS.items()
+    name: replicate(estimator, *mlp_operator, num_replicates, num_matvecs=12)
+    for name, estimator in ESTIMATORS.items()
   }
   runs["hutchinson-normal"] = replicate(
-      hessian.hutchinson, *mlp_operator, num_replicates, num_matvecs=12,
-      probe="normal",
+    hessian.hutchinson,
+    *mlp_operator,
+    num_replicates,
+    num_matvecs=12,
+    probe="normal",
   )
   return runs
 
@@ -191,7 +192,6 @@ def test_probes_are_drawn_leaf_by_leaf_in_each_dtype():
 
 
 class TestEarlyStopping:
-
   def test_equals_the_fixed_budget_estimate_on_the_probes_used(self, tiny_operator):
     stopped = hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2)
     used = int(stopped.num_matvecs)
@@ -202,10 +202,8 @@ class TestEarlyStopping:
 
   def test_does_not_depend_on_the_batch_size(self, tiny_operator):
     results = [
-        hessian.hutchinson(
-            *tiny_operator, 7, num_matvecs=100, rtol=1e-2, batch_size=size
-        )
-        for size in (None, 16)
+      hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2, batch_size=size)
+      for size in (None, 16)
     ]
     for result in results[1:]:
       assert int(result.num_matvecs) == int(results[0].num_matvecs)
@@ -217,7 +215,7 @@ class TestEarlyStopping:
 
   def test_uses_a_while_loop_inside_the_compiled_program(self, tiny_operator):
     jaxpr = jax.make_jaxpr(
-        lambda key: hessian.hutchinson(*tiny_operator, key, num_matvecs=50, rtol=1e-3)
+      lambda key: hessian.hutchinson(*tiny_operator, key, num_matvecs=50, rtol=1e-3)
     )(jax.random.key(0))
     assert "while" in str(jaxpr)
 
@@ -226,14 +224,13 @@ class TestEarlyStopping:
 def jitted(tiny_operator):
   """Each estimator compiled once, with the key as a traced argument."""
   return {
-      name: jax.jit(lambda key, e=estimator: e(*tiny_operator, key, num_matvecs=9))
-      for name, estimator in ESTIMATORS.items()
+    name: jax.jit(lambda key, e=estimator: e(*tiny_operator, key, num_matvecs=9))
+    for name, estimator in ESTIMATORS.items()
   }
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 class TestJitAndDeterminism:
-
   def test_same_key_gives_bitwise_identical_results(self, name, jitted):
     first = jitted[name](jax.random.key(5))
     second = jitted[name](jax.random.key(5))
@@ -251,7 +248,7 @@ class TestJitAndDeterminism:
 
   def test_batched_probes_agree_with_one_at_a_time(self, name, jitted, tiny_operator):
     batched = jax.jit(
-        lambda key: ESTIMATORS[name](*tiny_operator, key, num_matvecs=9, batch_size=4)
+      lambda key: ESTIMATORS[name](*tiny_operator, key, num_matvecs=9, batch_size=4)
     )(jax.random.key(2))
     single = jitted[name](jax.random.key(2))
     np.testing.assert_allclose(batched.value, single.value, rtol=1e-5)
@@ -265,10 +262,9 @@ def test_int_seed_typed_key_and_legacy_key_agree(jitted):
 
 
 class TestValidation:
-
   @pytest.mark.parametrize(
-      ("estimator", "minimum"),
-      [(hessian.hutchinson, 1), (hessian.hutch_pp, 3), (hessian.xtrace, 2)],
+    ("estimator", "minimum"),
+    [(hessian.hutchinson, 1), (hessian.hutch_pp, 3), (hessian.xtrace, 2)],
   )
   def test_too_few_matvecs(self, estimator, minimum):
     message = rf"`num_matvecs` must be an int >= {minimum}, got 0"

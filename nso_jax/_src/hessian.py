@@ -112,23 +112,23 @@ def _selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
   else:
     try:
       broadcast = jax.tree.map(
-          lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
-          param_filter,
-          params,
+        lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
+        param_filter,
+        params,
       )
     except (ValueError, TypeError) as error:
       raise ValueError(
-          "`param_filter` must be a callable (path, leaf) -> bool or a pytree "
-          "of bools whose structure is a prefix of `params`; got "
-          f"{jax.tree.structure(param_filter)} for params "
-          f"{jax.tree.structure(params)}."
+        "`param_filter` must be a callable (path, leaf) -> bool or a pytree "
+        "of bools whose structure is a prefix of `params`; got "
+        f"{jax.tree.structure(param_filter)} for params "
+        f"{jax.tree.structure(params)}."
       ) from error
     mask = jax.tree.leaves(broadcast)
   for flag in mask:
     if not isinstance(flag, (bool, np.bool_)):
       raise ValueError(
-          "`param_filter` must give Python bools (it fixes which leaves are "
-          f"measured at trace time), got {flag!r}."
+        "`param_filter` must give Python bools (it fixes which leaves are "
+        f"measured at trace time), got {flag!r}."
       )
   if not any(mask):
     raise ValueError("`param_filter` selects no parameter leaf.")
@@ -136,27 +136,26 @@ def _selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
 
 
 def _select(
-    params: PyTree, param_filter: ParamFilter
+  params: PyTree, param_filter: ParamFilter
 ) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
   """Returns the selected sub-pytree and a function merging one back in."""
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(
-        "`params` is an empty pytree: there are no parameters to measure "
-        "curvature over."
+      "`params` is an empty pytree: there are no parameters to measure curvature over."
     )
   mask = _selection_mask(params, param_filter)
   if all(mask):
     return params, lambda selected: selected
-  selected = treedef.unflatten([
-      leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)
-  ])
+  selected = treedef.unflatten(
+    [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
+  )
 
   def merge(selected: PyTree) -> PyTree:
     chosen = iter(jax.tree.leaves(selected))
-    return treedef.unflatten([
-        next(chosen) if keep else leaf for leaf, keep in zip(leaves, mask, strict=True)
-    ])
+    return treedef.unflatten(
+      [next(chosen) if keep else leaf for leaf, keep in zip(leaves, mask, strict=True)]
+    )
 
   return selected, merge
 
@@ -192,16 +191,16 @@ def _leading_size(batch: PyTree, name: str) -> int:
     shape = jnp.shape(leaf)
     if not shape:
       raise ValueError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} is a scalar; "
-          "every leaf of a batch needs a leading example axis."
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} is a scalar; "
+        "every leaf of a batch needs a leading example axis."
       )
     sizes.add(shape[0])
   if not sizes:
     raise ValueError(f"`{name}` is an empty pytree: a batch needs arrays.")
   if len(sizes) > 1:
     raise ValueError(
-        f"`{name}` has leaves with different numbers of examples {sorted(sizes)}; "
-        "expected one leading example axis shared by all leaves."
+      f"`{name}` has leaves with different numbers of examples {sorted(sizes)}; "
+      "expected one leading example axis shared by all leaves."
     )
   return sizes.pop()
 
@@ -216,39 +215,37 @@ def _plan_list(batches: list[PyTree]) -> _DataPlan:
     structure = jax.tree.structure(batch)
     if structure != first_structure:
       raise ValueError(
-          f"`data[{index}]` has structure {structure}, expected {first_structure} "
-          "like `data[0]`. (A list is read as a sequence of batches; pass a "
-          "single batch as a tuple or dict.)"
+        f"`data[{index}]` has structure {structure}, expected {first_structure} "
+        "like `data[0]`. (A list is read as a sequence of batches; pass a "
+        "single batch as a tuple or dict.)"
       )
     sizes.append(_leading_size(batch, f"data[{index}]"))
     shapes = [jnp.shape(x)[1:] for x in jax.tree.leaves(batch)]
     if shapes != first_shapes:
       raise ValueError(
-          f"`data[{index}]` has per-example shapes {shapes}, expected "
-          f"{first_shapes} like `data[0]`."
+        f"`data[{index}]` has per-example shapes {shapes}, expected "
+        f"{first_shapes} like `data[0]`."
       )
   by_size: dict[int, list[int]] = {}
   for index, size in enumerate(sizes):
     by_size.setdefault(size, []).append(index)
   groups = []
   for size, indices in by_size.items():
-    stacked = jax.tree.map(
-        lambda *xs: jnp.stack(xs), *[batches[i] for i in indices]
-    )
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[batches[i] for i in indices])
     groups.append(_Group(stacked, jnp.full((len(indices),), float(size))))
   return _DataPlan(None, tuple(groups), float(sum(sizes)))
 
 
 def _plan_stacked(data: StackedBatches) -> _DataPlan:
   num_batches = {
-      jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(data.data)
+    jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(data.data)
   }
   if not num_batches:
     raise ValueError("`data.data` of StackedBatches is an empty pytree.")
   if None in num_batches or len(num_batches) > 1:
     raise ValueError(
-        "`data` (StackedBatches) needs every leaf to have the same leading "
-        f"batch axis, got leading sizes {sorted(map(str, num_batches))}."
+      "`data` (StackedBatches) needs every leaf to have the same leading "
+      f"batch axis, got leading sizes {sorted(map(str, num_batches))}."
     )
   (num,) = num_batches
   if num < 1:
@@ -260,14 +257,14 @@ def _plan_stacked(data: StackedBatches) -> _DataPlan:
     weights = jnp.asarray(data.weights)
     if weights.shape != (num,):
       raise ValueError(
-          f"`data.weights` must have shape ({num},), one weight per batch, got "
-          f"{weights.shape}."
+        f"`data.weights` must have shape ({num},), one weight per batch, got "
+        f"{weights.shape}."
       )
     if not isinstance(weights, jax.core.Tracer):
       concrete = np.asarray(weights)
       if np.any(concrete < 0) or not concrete.sum() > 0:
         raise ValueError(
-            f"`data.weights` must be >= 0 with a positive sum, got {concrete}."
+          f"`data.weights` must be >= 0 with a positive sum, got {concrete}."
         )
     total = jnp.sum(weights)
   return _DataPlan(None, (_Group(data.data, weights),), total)
@@ -280,13 +277,13 @@ def _plan(data: Any) -> _DataPlan:
     return _plan_list(list(data))
   if data is None:
     raise ValueError(
-        "`data` is None; pass a batch, a list of batches or StackedBatches."
+      "`data` is None; pass a batch, a list of batches or StackedBatches."
     )
   return _DataPlan(data, (), 1.0)
 
 
 def _average_over_data(
-    per_batch: Callable[[PyTree, PyTree], PyTree], plan: _DataPlan, v: PyTree
+  per_batch: Callable[[PyTree, PyTree], PyTree], plan: _DataPlan, v: PyTree
 ) -> PyTree:
   """The data-weighted average of ``per_batch(batch, v)``, accumulated in a scan."""
   if not plan.groups:
@@ -304,7 +301,7 @@ def _average_over_data(
     partial, _ = jax.lax.scan(step, zeros, (group.stacked, group.weights))
     total = partial if total is None else jax.tree.map(jnp.add, total, partial)
   return jax.tree.map(
-      lambda x: x / jnp.asarray(plan.total_weight).astype(x.dtype), total
+    lambda x: x / jnp.asarray(plan.total_weight).astype(x.dtype), total
   )
 
 
@@ -313,8 +310,8 @@ def _check_scalar_loss(value: Any, name: str) -> None:
   dtype = getattr(value, "dtype", None)
   if shape != () or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
-        f"`{name}` must return a float scalar (the mean loss over the batch), "
-        f"got {jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)}."
+      f"`{name}` must return a float scalar (the mean loss over the batch), "
+      f"got {jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)}."
     )
 
 
@@ -324,11 +321,11 @@ def _check_scalar_loss(value: Any, name: str) -> None:
 
 
 def hessian_operator(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    *,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  *,
+  param_filter: ParamFilter = None,
 ) -> LinearOperator:
   r"""The loss Hessian over a data set, as a matrix-free operator.
 
@@ -381,7 +378,7 @@ def hessian_operator(
   plan = _plan(data)
   restricted_loss = lambda sub, batch: loss_fn(merge(sub), batch)
   _check_scalar_loss(
-      jax.eval_shape(restricted_loss, selected, plan.first_batch()), "loss_fn"
+    jax.eval_shape(restricted_loss, selected, plan.first_batch()), "loss_fn"
   )
 
   def matvec(v: PyTree) -> PyTree:
@@ -392,12 +389,12 @@ def hessian_operator(
 
 
 def ggn_operator(
-    model_fn: Callable[[PyTree, PyTree], PyTree],
-    per_example_loss: Callable[[PyTree, PyTree], jax.Array],
-    params: PyTree,
-    data: Any,
-    *,
-    param_filter: ParamFilter = None,
+  model_fn: Callable[[PyTree, PyTree], PyTree],
+  per_example_loss: Callable[[PyTree, PyTree], jax.Array],
+  params: PyTree,
+  data: Any,
+  *,
+  param_filter: ParamFilter = None,
 ) -> LinearOperator:
   r"""The generalised Gauss-Newton matrix over a data set, as an operator.
 
@@ -450,8 +447,8 @@ def ggn_operator(
   shape = getattr(losses, "shape", None)
   if shape is None or len(shape) > 1:
     raise ValueError(
-        "`per_example_loss` must return per-example losses of shape (n,) or a "
-        f"scalar, got {losses}."
+      "`per_example_loss` must return per-example losses of shape (n,) or a "
+      f"scalar, got {losses}."
     )
 
   def per_batch(batch: PyTree, v: PyTree) -> PyTree:
@@ -471,17 +468,17 @@ def ggn_operator(
 
 
 def trace(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    key: utils.KeyLike,
-    *,
-    num_matvecs: int = 100,
-    method: str = "hutchinson",
-    probe: str = "rademacher",
-    rtol: float | None = None,
-    batch_size: int | None = None,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: utils.KeyLike,
+  *,
+  num_matvecs: int = 100,
+  method: str = "hutchinson",
+  probe: str = "rademacher",
+  rtol: float | None = None,
+  batch_size: int | None = None,
+  param_filter: ParamFilter = None,
 ) -> trace_lib.TraceEstimate:
   r"""The trace of the loss Hessian, with its standard error.
 
@@ -528,8 +525,8 @@ def trace(
     raise ValueError(f"`method` must be one of {TRACE_METHODS}, got {method!r}.")
   if rtol is not None and method != "hutchinson":
     raise ValueError(
-        f"`rtol`={rtol!r} applies to method='hutchinson' only; {method!r} needs "
-        "its whole budget of matvecs. Pass rtol=None."
+      f"`rtol`={rtol!r} applies to method='hutchinson' only; {method!r} needs "
+      "its whole budget of matvecs. Pass rtol=None."
     )
   operator = hessian_operator(loss_fn, params, data, param_filter=param_filter)
   options = dict(num_matvecs=num_matvecs, probe=probe, batch_size=batch_size)
@@ -541,16 +538,16 @@ def trace(
 
 
 def eigenvalues(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    key: utils.KeyLike,
-    *,
-    k: int = 5,
-    which: str = "LA",
-    num_steps: int | None = None,
-    return_eigenvectors: bool = False,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: utils.KeyLike,
+  *,
+  k: int = 5,
+  which: str = "LA",
+  num_steps: int | None = None,
+  return_eigenvectors: bool = False,
+  param_filter: ParamFilter = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """Extreme eigenvalues of the loss Hessian by Lanczos.
 
@@ -584,25 +581,25 @@ def eigenvalues(
   """
   operator = hessian_operator(loss_fn, params, data, param_filter=param_filter)
   return lanczos_lib.lanczos_eigenvalues(
-      *operator,
-      key,
-      k=k,
-      num_steps=num_steps,
-      which=which,
-      return_eigenvectors=return_eigenvectors,
+    *operator,
+    key,
+    k=k,
+    num_steps=num_steps,
+    which=which,
+    return_eigenvectors=return_eigenvectors,
   )
 
 
 def top_eigenvalues(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    key: utils.KeyLike,
-    *,
-    k: int = 5,
-    num_steps: int | None = None,
-    return_eigenvectors: bool = False,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: utils.KeyLike,
+  *,
+  k: int = 5,
+  num_steps: int | None = None,
+  return_eigenvectors: bool = False,
+  param_filter: ParamFilter = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """The ``k`` largest eigenvalues of the loss Hessian, in decreasing order.
 
@@ -631,27 +628,27 @@ def top_eigenvalues(
     Array([4., 3.], dtype=float32)
   """
   return eigenvalues(
-      loss_fn,
-      params,
-      data,
-      key,
-      k=k,
-      which="LA",
-      num_steps=num_steps,
-      return_eigenvectors=return_eigenvectors,
-      param_filter=param_filter,
+    loss_fn,
+    params,
+    data,
+    key,
+    k=k,
+    which="LA",
+    num_steps=num_steps,
+    return_eigenvectors=return_eigenvectors,
+    param_filter=param_filter,
   )
 
 
 def max_eigenvalue(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    key: utils.KeyLike,
-    *,
-    num_iters: int = 100,
-    tol: float = 1e-8,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: utils.KeyLike,
+  *,
+  num_iters: int = 100,
+  tol: float = 1e-8,
+  param_filter: ParamFilter = None,
 ) -> lanczos_lib.PowerIterationResult:
   """The largest-magnitude Hessian eigenvalue by power iteration, as in the paper.
 
@@ -686,18 +683,18 @@ def max_eigenvalue(
 
 
 def spectral_density(
-    loss_fn: LossFn,
-    params: PyTree,
-    data: Any,
-    key: utils.KeyLike,
-    *,
-    num_probes: int = 4,
-    num_steps: int = 64,
-    grid_size: int = 1000,
-    bandwidth: float | None = None,
-    bounds: tuple[float, float] | None = None,
-    batch_size: int | None = None,
-    param_filter: ParamFilter = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: utils.KeyLike,
+  *,
+  num_probes: int = 4,
+  num_steps: int = 64,
+  grid_size: int = 1000,
+  bandwidth: float | None = None,
+  bounds: tuple[float, float] | None = None,
+  batch_size: int | None = None,
+  param_filter: ParamFilter = None,
 ) -> lanczos_lib.SpectralDensity:
   """The smoothed eigenvalue density of the loss Hessian (SLQ).
 
@@ -734,13 +731,12 @@ def spectral_density(
   """
   operator = hessian_operator(loss_fn, params, data, param_filter=param_filter)
   return lanczos_lib.stochastic_lanczos_quadrature(
-      *operator,
-      key,
-      num_probes=num_probes,
-      num_steps=num_steps,
-      grid_size=grid_size,
-      bandwidth=bandwidth,
-      bounds=bounds,
-      batch_size=batch_size,
+    *operator,
+    key,
+    num_probes=num_probes,
+    num_steps=num_steps,
+    grid_size=grid_size,
+    bandwidth=bandwidth,
+    bounds=bounds,
+    batch_size=batch_size,
   )
-

@@ -74,13 +74,11 @@ class SpectralDensity(NamedTuple):
 
 
 def _tridiagonal_matrix(diagonal: jax.Array, off_diagonal: jax.Array) -> jax.Array:
-  return (
-      jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-  )
+  return jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
 
 
 def lanczos_tridiag(
-    matvec: Any, v0: jax.Array, num_steps: int, key: utils.KeyLike
+  matvec: Any, v0: jax.Array, num_steps: int, key: utils.KeyLike
 ) -> Tridiagonal:
   r"""Lanczos tridiagonalisation with full reorthogonalisation.
 
@@ -121,7 +119,7 @@ def lanczos_tridiag(
   num_steps = utils.check_positive_int(num_steps, "num_steps")
   if num_steps > dim:
     raise ValueError(
-        f"`num_steps` must be at most the dimension {dim}, got {num_steps}."
+      f"`num_steps` must be at most the dimension {dim}, got {num_steps}."
     )
   key = utils.canonicalize_key(key)
   dtype = v0.dtype
@@ -152,9 +150,9 @@ def lanczos_tridiag(
 
     next_v, beta = jax.lax.cond(breakdown, restart, proceed, None)
     return (
-        basis.at[i + 1].set(next_v),
-        diagonal.at[i].set(alpha),
-        off_diagonal.at[i].set(beta),
+      basis.at[i + 1].set(next_v),
+      diagonal.at[i].set(alpha),
+      off_diagonal.at[i].set(beta),
     )
 
   # A spare row and entry take the residual of the last step (then dropped).
@@ -167,8 +165,8 @@ def lanczos_tridiag(
 def _check_which(which: str) -> str:
   if which not in WHICH:
     raise ValueError(
-        f"`which` must be one of {WHICH} (largest algebraic, smallest algebraic, "
-        f"largest magnitude), got {which!r}."
+      f"`which` must be one of {WHICH} (largest algebraic, smallest algebraic, "
+      f"largest magnitude), got {which!r}."
     )
   return which
 
@@ -178,14 +176,14 @@ def _default_num_steps(k: int, dim: int) -> int:
 
 
 def lanczos_eigenvalues(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    k: int,
-    num_steps: int | None = None,
-    which: str = "LA",
-    return_eigenvectors: bool = False,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  k: int,
+  num_steps: int | None = None,
+  which: str = "LA",
+  return_eigenvectors: bool = False,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   r"""Extreme eigenvalues of a symmetric operator by the Lanczos method.
 
@@ -234,22 +232,21 @@ def lanczos_eigenvalues(
   k = utils.check_positive_int(k, "k")
   if k > operator.dim:
     raise ValueError(
-        f"`k` must be at most the dimension of the operator ({operator.dim}), "
-        f"got k={k}."
+      f"`k` must be at most the dimension of the operator ({operator.dim}), got k={k}."
     )
   if num_steps is None:
     num_steps = _default_num_steps(k, operator.dim)
   num_steps = utils.check_positive_int(num_steps, "num_steps")
   if not k <= num_steps <= operator.dim:
     raise ValueError(
-        f"`num_steps` must be between k={k} and the dimension {operator.dim}, "
-        f"got {num_steps}."
+      f"`num_steps` must be between k={k} and the dimension {operator.dim}, "
+      f"got {num_steps}."
     )
   start_key, restart_key = jax.random.split(utils.canonicalize_key(key))
   v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
   result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
   ritz_values, ritz_coordinates = jnp.linalg.eigh(
-      _tridiagonal_matrix(result.diagonal, result.off_diagonal)
+    _tridiagonal_matrix(result.diagonal, result.off_diagonal)
   )  # ascending
   if which == "LA":
     order = jnp.arange(num_steps - 1, num_steps - 1 - k, -1)
@@ -265,12 +262,12 @@ def lanczos_eigenvalues(
 
 
 def power_iteration(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    num_iters: int = 100,
-    tol: float = 1e-8,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  num_iters: int = 100,
+  tol: float = 1e-8,
 ) -> PowerIterationResult:
   r"""The eigenvalue of largest magnitude by power iteration.
 
@@ -326,7 +323,7 @@ def power_iteration(
     eigenvalue = trace_lib.tree_vdot(v, image).astype(dtype)
     image_norm = jnp.sqrt(trace_lib.tree_vdot(image, image))
     converged = jnp.logical_or(
-        jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue), image_norm == 0
+      jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue), image_norm == 0
     )
     # Keep the vector whose Rayleigh quotient is reported on the last step.
     next_v = jax.lax.cond(converged, lambda: v, lambda: normalise(image))
@@ -339,16 +336,16 @@ def power_iteration(
 
 
 def stochastic_lanczos_quadrature(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    num_probes: int = 4,
-    num_steps: int = 64,
-    grid_size: int = 1000,
-    bandwidth: float | None = None,
-    bounds: tuple[float, float] | None = None,
-    batch_size: int | None = None,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  num_probes: int = 4,
+  num_steps: int = 64,
+  grid_size: int = 1000,
+  bandwidth: float | None = None,
+  bounds: tuple[float, float] | None = None,
+  batch_size: int | None = None,
 ) -> SpectralDensity:
   r"""The smoothed eigenvalue density of a symmetric operator by SLQ.
 
@@ -404,15 +401,19 @@ def stochastic_lanczos_quadrature(
   num_steps = utils.check_positive_int(num_steps, "num_steps")
   grid_size = utils.check_positive_int(grid_size, "grid_size", minimum=2)
   batch_size = trace_lib.check_batch_size(batch_size, num_probes)
-  if bandwidth is not None and not isinstance(bandwidth, jax.core.Tracer) and not (
-      np.ndim(bandwidth) == 0 and float(bandwidth) > 0
+  if (
+    bandwidth is not None
+    and not isinstance(bandwidth, jax.core.Tracer)
+    and not (np.ndim(bandwidth) == 0 and float(bandwidth) > 0)
   ):
     raise ValueError(f"`bandwidth` must be a float > 0 or None, got {bandwidth!r}.")
   if bounds is not None and (len(bounds) != 2):
     raise ValueError(f"`bounds` must be a pair (low, high) or None, got {bounds!r}.")
-  if bounds is not None and all(
-      not isinstance(b, jax.core.Tracer) for b in bounds
-  ) and not float(bounds[0]) < float(bounds[1]):
+  if (
+    bounds is not None
+    and all(not isinstance(b, jax.core.Tracer) for b in bounds)
+    and not float(bounds[0]) < float(bounds[1])
+  ):
     raise ValueError(f"`bounds` must satisfy low < high, got {bounds!r}.")
   trace_lib.check_template(template)
   operator = trace_lib.flatten_operator(matvec, template)
@@ -424,7 +425,7 @@ def stochastic_lanczos_quadrature(
     v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
     result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
     nodes, coordinates = jnp.linalg.eigh(
-        _tridiagonal_matrix(result.diagonal, result.off_diagonal)
+      _tridiagonal_matrix(result.diagonal, result.off_diagonal)
     )
     return nodes, coordinates[0] ** 2
 
@@ -448,11 +449,11 @@ def stochastic_lanczos_quadrature(
 
 
 def plot_spectral_density(
-    density: SpectralDensity,
-    ax: Any = None,
-    *,
-    floor: float | None = None,
-    **plot_kwargs: Any,
+  density: SpectralDensity,
+  ax: Any = None,
+  *,
+  floor: float | None = None,
+  **plot_kwargs: Any,
 ) -> Any:
   """Plots a :class:`SpectralDensity` on a logarithmic density axis.
 
@@ -486,8 +487,8 @@ def plot_spectral_density(
     import matplotlib.pyplot as plt  # optional dependency
   except ImportError as error:
     raise ImportError(
-        "plot_spectral_density needs matplotlib: pip install 'nso_jax[cli]' or "
-        "pip install matplotlib."
+      "plot_spectral_density needs matplotlib: pip install 'nso_jax[cli]' or "
+      "pip install matplotlib."
     ) from error
   grid = np.asarray(density.grid)
   values = np.asarray(density.density)

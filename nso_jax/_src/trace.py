@@ -64,16 +64,15 @@ def check_template(template: PyTree, name: str = "template") -> list[jax.Array]:
   leaves_with_path = jax.tree_util.tree_leaves_with_path(template)
   if not leaves_with_path:
     raise ValueError(
-        f"`{name}` is an empty pytree: there are no parameters to measure "
-        "curvature over."
+      f"`{name}` is an empty pytree: there are no parameters to measure curvature over."
     )
   for path, leaf in leaves_with_path:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
-          f"{dtype}; curvature is defined for floating-point leaves only "
-          "(exclude the others with `param_filter`)."
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
+        f"{dtype}; curvature is defined for floating-point leaves only "
+        "(exclude the others with `param_filter`)."
       )
   return [leaf for _, leaf in leaves_with_path]
 
@@ -99,8 +98,8 @@ def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """The Euclidean inner product of two pytrees, accumulated in >= float32."""
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   products = [
-      jnp.vdot(x, y, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-      for x, y in zip(leaves_a, leaves_b, strict=True)
+    jnp.vdot(x, y, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+    for x, y in zip(leaves_a, leaves_b, strict=True)
   ]
   return sum(products[1:], products[0])
 
@@ -115,10 +114,12 @@ def sample_probe(key: jax.Array, template: PyTree, probe: str) -> PyTree:
   """Draws a probe shaped like ``template``, leaf by leaf in each leaf's dtype."""
   leaves, treedef = jax.tree.flatten(template)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([
+  return treedef.unflatten(
+    [
       random_vector(k, jnp.shape(leaf), jnp.result_type(leaf), probe)
       for k, leaf in zip(keys, leaves, strict=True)
-  ])
+    ]
+  )
 
 
 def flatten_operator(matvec: Matvec, template: PyTree) -> FlatOperator:
@@ -165,14 +166,14 @@ def _check_rtol(rtol: float | None) -> float | None:
 
 
 def hutchinson(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    num_matvecs: int,
-    probe: str = "rademacher",
-    rtol: float | None = None,
-    batch_size: int | None = None,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  num_matvecs: int,
+  probe: str = "rademacher",
+  rtol: float | None = None,
+  batch_size: int | None = None,
 ) -> TraceEstimate:
   r"""Hutchinson's trace estimator with its standard error.
 
@@ -252,10 +253,10 @@ def hutchinson(
 
 
 def _hutchinson_early_stop(
-    quadratic_form: Callable[[jax.Array], jax.Array],
-    keys: jax.Array,
-    rtol: float,
-    chunk: int,
+  quadratic_form: Callable[[jax.Array], jax.Array],
+  keys: jax.Array,
+  rtol: float,
+  chunk: int,
 ) -> TraceEstimate:
   """Welford running mean and variance over probes, stopped by ``rtol``."""
   num = keys.shape[0]
@@ -274,13 +275,13 @@ def _hutchinson_early_stop(
     new_mean = mean + delta / new_count.astype(dtype)
     new_m2 = m2 + delta * (value - new_mean)
     converged = jnp.logical_and(
-        new_count >= 2, jnp.abs(new_mean - mean) <= rtol * jnp.abs(mean)
+      new_count >= 2, jnp.abs(new_mean - mean) <= rtol * jnp.abs(mean)
     )
     state = (
-        jnp.where(take, new_count, count),
-        jnp.where(take, new_mean, mean),
-        jnp.where(take, new_m2, m2),
-        jnp.logical_or(done, jnp.logical_and(take, converged)),
+      jnp.where(take, new_count, count),
+      jnp.where(take, new_mean, mean),
+      jnp.where(take, new_m2, m2),
+      jnp.logical_or(done, jnp.logical_and(take, converged)),
     )
     return state, None
 
@@ -299,7 +300,7 @@ def _hutchinson_early_stop(
   _, (count, mean, m2, _) = jax.lax.while_loop(cond, body, init)
   variance = m2 / jnp.maximum(count - 1, 1).astype(dtype)
   stderr = jnp.where(
-      count >= 2, jnp.sqrt(variance / count.astype(dtype)), jnp.asarray(jnp.inf, dtype)
+    count >= 2, jnp.sqrt(variance / count.astype(dtype)), jnp.asarray(jnp.inf, dtype)
   )
   return TraceEstimate(mean, stderr, count)
 
@@ -310,7 +311,7 @@ def _hutchinson_early_stop(
 
 
 def _apply_to_rows(
-    operator: FlatOperator, rows: jax.Array, batch_size: int | None
+  operator: FlatOperator, rows: jax.Array, batch_size: int | None
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""
   if rows.shape[0] == 0:
@@ -320,13 +321,13 @@ def _apply_to_rows(
 
 
 def hutch_pp(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    num_matvecs: int,
-    probe: str = "rademacher",
-    batch_size: int | None = None,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  num_matvecs: int,
+  probe: str = "rademacher",
+  batch_size: int | None = None,
 ) -> TraceEstimate:
   r"""Hutch++: Hutchinson after deflating a randomised low-rank sketch.
 
@@ -395,13 +396,13 @@ def hutch_pp(
 
 
 def xtrace(
-    matvec: Matvec,
-    template: PyTree,
-    key: utils.KeyLike,
-    *,
-    num_matvecs: int,
-    probe: str = "rademacher",
-    batch_size: int | None = None,
+  matvec: Matvec,
+  template: PyTree,
+  key: utils.KeyLike,
+  *,
+  num_matvecs: int,
+  probe: str = "rademacher",
+  batch_size: int | None = None,
 ) -> TraceEstimate:
   r"""XTrace: the exchangeable, leave-one-out version of Hutch++.
 
@@ -484,13 +485,13 @@ def xtrace(
 
   # u_i = (I - Q_(i) Q_(i)^T) omega_i and A u_i, for all i at once.
   residual = omega - basis @ coefficients + (basis @ dual) * overlap
-  residual_image = images - projected_images @ coefficients + (
-      projected_images @ dual
-  ) * overlap
+  residual_image = (
+    images - projected_images @ coefficients + (projected_images @ dual) * overlap
+  )
   samples = (
-      jnp.trace(compressed)
-      - jnp.sum(dual * (compressed @ dual), axis=0)
-      + jnp.sum(residual * residual_image, axis=0)
+    jnp.trace(compressed)
+    - jnp.sum(dual * (compressed @ dual), axis=0)
+    + jnp.sum(residual * residual_image, axis=0)
   )
   mean, stderr = _mean_and_stderr(samples)
   exact = jnp.trace(compressed)
