@@ -294,6 +294,13 @@ def test_bad_params_and_grad_fn_raise_clear_errors():
     nso_jax.noise_stability_gradient(lambda w: w[:1], jnp.ones(2), 0, sigma=0.1)
 
 
+def test_sample_noise_accepts_int_seeds():
+  tree = {"w": jnp.zeros(5)}
+  chex.assert_trees_all_equal(
+    nso_jax.sample_noise(3, tree), nso_jax.sample_noise(jax.random.key(3), tree)
+  )
+
+
 def test_noise_names_are_checked():
   with pytest.raises(ValueError, match="`noise`"):
     noise_lib.check_noise("binomial")

@@ -353,3 +353,17 @@ class TestValidation:
     message = r"`num_matvecs` must be a concrete Python int"
     with pytest.raises(ValueError, match=message):
       jax.jit(measure)(3)
+
+
+def test_data_average_accumulates_low_precision_in_float32():
+  # 100 batches of 30 examples of a bfloat16 model: the weighted sum is kept in
+  # float32, so only the final cast rounds.
+  x = jax.random.uniform(jax.random.key(0), (3000, 4), minval=0.5, maxval=1.5)
+  loss = lambda w, x: jnp.mean(jnp.sum(x * w.astype(jnp.float32) ** 2, axis=-1))
+  batches = [x[i : i + 30] for i in range(0, 3000, 30)]
+  operator = hessian.hessian_operator(loss, jnp.ones(4, jnp.bfloat16), batches)
+  product = operator.matvec(jnp.ones(4, jnp.bfloat16))
+  assert product.dtype == jnp.bfloat16
+  exact = 2 * np.asarray(x, np.float64).mean(axis=0)
+  # One bfloat16 rounding: relative error at most 2^-8.
+  np.testing.assert_allclose(np.asarray(product, np.float64), exact, rtol=2**-8)

@@ -294,3 +294,32 @@ class TestValidation:
   def test_missing_key(self):
     with pytest.raises(ValueError, match=r"`key` is required"):
       hessian.hutchinson(lambda v: v, jnp.zeros(3), None, num_matvecs=2)
+
+
+def test_low_precision_parameters_work_with_every_estimator():
+  # H = diag(2 x) for a bfloat16 parameter vector; linear algebra runs in f32.
+  x = jnp.linspace(0.1, 2.0, 40)
+  loss = lambda w, x: jnp.sum(x * w.astype(jnp.float32) ** 2)
+  w = jnp.ones(40, jnp.bfloat16)
+  exact = float(2 * x.sum())
+  for method in ("hutchinson", "hutch++", "xtrace"):
+    estimate = hessian.trace(loss, w, x, 0, num_matvecs=30, method=method)
+    assert estimate.value.dtype == jnp.float32
+    # Within 4 reported standard errors, plus bfloat16 rounding of the HVPs.
+    assert (
+      abs(float(estimate.value) - exact) <= 4 * float(estimate.stderr) + 0.02 * exact
+    )
+  top = hessian.top_eigenvalues(loss, w, x, 0, k=2, num_steps=20)
+  np.testing.assert_allclose(top, [4.0, 2 * float(x[-2])], rtol=2e-2)
+  density = hessian.spectral_density(loss, w, x, 0, num_steps=10, grid_size=50)
+  assert bool(jnp.all(jnp.isfinite(density.density)))
+
+
+def test_xtrace_keeps_a_small_full_rank_tail():
+  # Five sharp eigenvalues and a tiny tail: R is near-singular in float32 but
+  # the operator is full rank, so the tail's 0.3 must not be dropped.
+  diagonal = jnp.concatenate([jnp.arange(10.0, 5.0, -1.0), jnp.full(200_000, 1.5e-6)])
+  estimate = hessian.xtrace(
+    lambda v: diagonal * v, jnp.zeros(diagonal.shape), 0, num_matvecs=20
+  )
+  np.testing.assert_allclose(estimate.value, float(diagonal.sum()), rtol=1e-4)

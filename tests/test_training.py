@@ -153,6 +153,14 @@ def test_train_state_forwards_extra_args():
   assert seen == {"grad_fn": len, "value": 1.0}
 
 
+def test_train_step_works_with_transformations_without_extra_args():
+  state = _linen_state(optax.scale_by_adam())
+  x, y = _data()
+  loss_fn = _linen_loss_fn(state.apply_fn, x, y, jax.random.key(0))
+  new_state, _ = training.train_step(state, loss_fn)
+  assert int(new_state.step) == 1
+
+
 def test_linen_checkpoint_resume_follows_the_same_trajectory(tmp_path):
   total, split = 6, 2
   straight, _ = _run_linen(_linen_state(_nso(key=5)), total)

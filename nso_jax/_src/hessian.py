@@ -294,14 +294,20 @@ def _average_over_data(
     def step(acc, inputs):
       batch, weight = inputs
       product = per_batch(batch, v)
-      acc = jax.tree.map(lambda a, p: a + weight.astype(p.dtype) * p, acc, product)
+      acc = jax.tree.map(lambda a, p: a + weight.astype(a.dtype) * p, acc, product)
       return acc, None
 
-    zeros = jax.tree.map(jnp.zeros_like, v)
+    zeros = jax.tree.map(
+      lambda x: jnp.zeros(jnp.shape(x), jnp.promote_types(x.dtype, jnp.float32)), v
+    )
     partial, _ = jax.lax.scan(step, zeros, (group.stacked, group.weights))
     total = partial if total is None else jax.tree.map(jnp.add, total, partial)
   return jax.tree.map(
-    lambda x: x / jnp.asarray(plan.total_weight).astype(x.dtype), total
+    lambda x, like: (x / jnp.asarray(plan.total_weight).astype(x.dtype)).astype(
+      like.dtype
+    ),
+    total,
+    v,
   )
 
 

@@ -374,7 +374,9 @@ def stochastic_lanczos_quadrature(
     bounds: the grid's ``(low, high)``; ``None`` spans the Ritz values padded
       by five bandwidths, so that the density integrates to one on the grid.
     batch_size: probes run together (vmapped) inside ``jax.lax.map``; ``None``
-      runs one at a time.
+      runs one at a time. Under ``vmap`` the breakdown restart of each step
+      becomes a select that always runs (a fresh vector orthogonalised against
+      the basis), so batching pays off only where matvecs dominate.
 
   Returns:
     A :class:`SpectralDensity`; plot it with :func:`plot_spectral_density`.

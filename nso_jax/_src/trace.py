@@ -124,12 +124,17 @@ def sample_probe(key: jax.Array, template: PyTree, probe: str) -> PyTree:
 
 def flatten_operator(matvec: Matvec, template: PyTree) -> FlatOperator:
   """Views a pytree operator as one acting on flat vectors."""
-  flat, unravel = ravel_pytree(template)
+  flat, unravel_template = ravel_pytree(template)
+  # Linear algebra (QR, eigh) needs at least float32, whatever the leaves hold.
+  dtype = jnp.promote_types(flat.dtype, jnp.float32)
+
+  def unravel(x: jax.Array) -> PyTree:
+    return unravel_template(x.astype(flat.dtype))
 
   def flat_matvec(x: jax.Array) -> jax.Array:
-    return ravel_pytree(matvec(unravel(x)))[0].astype(flat.dtype)
+    return ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
 
-  return FlatOperator(flat_matvec, unravel, int(flat.size), flat.dtype)
+  return FlatOperator(flat_matvec, unravel, int(flat.size), dtype)
 
 
 def map_probes(fn: Callable, xs: Any, batch_size: int | None) -> Any:
@@ -314,8 +319,6 @@ def _apply_to_rows(
   operator: FlatOperator, rows: jax.Array, batch_size: int | None
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""
-  if rows.shape[0] == 0:
-    return rows
   batch_size = None if batch_size is None else min(batch_size, rows.shape[0])
   return map_probes(operator.matvec, rows, batch_size)
 
@@ -388,9 +391,6 @@ def hutch_pp(
   probes = random_vector(probe_key, (num_probes, operator.dim), operator.dtype, probe)
   probes = probes - (probes @ basis) @ basis.T
   samples = jnp.sum(probes * _apply_to_rows(operator, probes, batch_size), axis=1)
-  if num_probes == 0:  # the sketch spans the whole space: the trace is exact
-    zero = jnp.zeros((), low_rank_trace.dtype)
-    return TraceEstimate(low_rank_trace, zero, jnp.asarray(num, jnp.int32))
   mean, stderr = _mean_and_stderr(samples)
   return TraceEstimate(low_rank_trace + mean, stderr, jnp.asarray(num, jnp.int32))
 
@@ -476,7 +476,18 @@ def xtrace(
   # columns of Y but the i-th: Q_(i) Q_(i)^T = Q Q^T - (Q s_i)(Q s_i)^T.
   diagonal = jnp.abs(jnp.diagonal(triangle))
   threshold = np.sqrt(operator.dim) * jnp.finfo(operator.dtype).eps * jnp.max(diagonal)
-  rank_deficient = jnp.min(diagonal) <= threshold
+  # A (numerically) singular R means range(Y) is invariant under A and
+  # tr(Q^T A Q) is the whole trace; a full-rank operator with a tiny tail can
+  # also give a small R_ii, so the residual of the deflation must vanish too.
+  leftover = jnp.sum(
+    (omega - basis @ coefficients) * (images - projected_images @ coefficients), axis=0
+  )
+  rank_deficient = (jnp.min(diagonal) <= threshold) & (
+    jnp.abs(jnp.mean(leftover))
+    <= np.sqrt(operator.dim)
+    * jnp.finfo(operator.dtype).eps
+    * jnp.abs(jnp.trace(compressed))
+  )
   identity = jnp.eye(size, dtype=triangle.dtype)
   safe_triangle = jnp.where(rank_deficient, identity, triangle)
   dual = jax.scipy.linalg.solve_triangular(safe_triangle, identity, lower=False).T
