@@ -37,10 +37,10 @@ def nso_section(lines: list[str]) -> None:
     lines.append(_machine_line(name, payload) + "\n")
     lines.append(
       "| model | k | 2k plain steps (ms) | default (ms) | default / 2k plain "
-      "| + normal_fast / 2k plain | loop / 2k plain | default / loop "
-      "| best strategy (/ 2k plain) | vmap / map1 |"
+      "| + normal_fast / 2k plain | + rademacher / 2k plain | loop / 2k plain "
+      "| default / loop | best strategy (/ 2k plain) | vmap / map1 |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, entry in payload["models"].items():
       for k, item in entry["by_k"].items():
         steady = item["steady"]
@@ -53,6 +53,7 @@ def nso_section(lines: list[str]) -> None:
           f"| {model} ({entry['num_params']:,}) | {k} | {floor:.2f} | {default:.2f} "
           f"| {r['default_over_2k_plain']:.2f} "
           f"| {r['default_fast_noise_over_2k_plain']:.2f} "
+          f"| {r.get('default_rademacher_over_2k_plain', float('nan')):.2f} "
           f"| {r.get('loop_over_2k_plain', float('nan')):.2f} "
           f"| {r.get('default_over_loop', float('nan')):.2f} "
           f"| {r['best_strategy'][4:]} ({r['best_over_2k_plain']:.2f}) "
@@ -65,12 +66,17 @@ def nso_section(lines: list[str]) -> None:
     ]
     if sam_rows:
       lines.append("\nk = 1 against `optax.contrib.sam` (both two gradients):\n")
-      lines.append("| model | default / sam | + normal_fast / sam | best / sam |")
-      lines.append("|---|---|---|---|")
+      lines.append(
+        "| model | default / sam | + normal_fast / sam | + rademacher / sam "
+        "| best / sam |"
+      )
+      lines.append("|---|---|---|---|---|")
       for model, r in sam_rows:
         lines.append(
           f"| {model} | {r['default_over_sam']:.2f} "
-          f"| {r['default_fast_noise_over_sam']:.2f} | {r['best_over_sam']:.2f} |"
+          f"| {r['default_fast_noise_over_sam']:.2f} "
+          f"| {r.get('default_rademacher_over_sam', float('nan')):.2f} "
+          f"| {r['best_over_sam']:.2f} |"
         )
 
 
