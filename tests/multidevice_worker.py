@@ -1,0 +1,123 @@
+"""NSO steps on 8 simulated CPU devices, against one device.
+
+Run by tests/test_multidevice.py in a fresh process, since the device count
+must be set before JAX starts. Prints a JSON report on stdout.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import json
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import nso_jax
+
+NUM_STEPS = 3
+
+
+def loss(params, x, y):
+  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((hidden @ params["w2"] - y) ** 2)
+
+
+def make_problem():
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "w1": jax.random.normal(keys[0], (6, 16)) / 6**0.5,
+    "b1": jnp.zeros(16),
+    "w2": jax.random.normal(keys[1], (16,)) / 4.0,
+  }
+  x = jax.random.normal(keys[2], (64, 6))
+  y = jnp.sin(x.sum(axis=1))
+  return params, x, y
+
+
+def train(step, params, opt_state, x, y):
+  for _ in range(NUM_STEPS):
+    params, opt_state = step(params, opt_state, x, y)
+  return params
+
+
+def main():
+  params, x, y = make_problem()
+  tx = nso_jax.nso(optax.sgd(0.1), sigma=0.05, num_perturbations=2, key=0)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    grad_fn = lambda p: jax.grad(loss)(p, x, y)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, opt_state = tx.update(zeros, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  single = train(step, params, tx.init(params), x, y)
+
+  # Data parallel by sharding: the batch split over 8 devices, the parameters,
+  # optimizer state and key replicated; XLA partitions the whole step.
+  mesh = jax.make_mesh((8,), ("data",))
+  replicated = NamedSharding(mesh, P())
+  by_example = NamedSharding(mesh, P("data"))
+  sharded = train(
+    step,
+    jax.device_put(params, replicated),
+    jax.device_put(tx.init(params), replicated),
+    jax.device_put(x, by_example),
+    jax.device_put(y, by_example),
+  )
+
+  # Data parallel written per device with shard_map: each device holds its
+  # slice of the batch and the loss is the pmean of the local losses (the
+  # gradient of a replicated parameter is then reduced across devices by
+  # shard_map itself); the replicated key gives every device the same noise.
+  @jax.jit
+  @partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(), P("data"), P("data")),
+    out_specs=(P(), P()),
+  )
+  def per_device_step(params, opt_state, x, y):
+    grad_fn = jax.grad(lambda p: jax.lax.pmean(loss(p, x, y), "data"))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, opt_state = tx.update(zeros, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  per_device = train(
+    per_device_step,
+    jax.device_put(params, replicated),
+    jax.device_put(tx.init(params), replicated),
+    jax.device_put(x, by_example),
+    jax.device_put(y, by_example),
+  )
+
+  def max_difference(a, b):
+    return max(
+      float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+  moved = max_difference(single, params)
+  print(
+    json.dumps(
+      {
+        "num_devices": jax.device_count(),
+        "sharded_batch_devices": len(sharded["w1"].sharding.device_set),
+        "moved": moved,
+        "sharded_vs_single": max_difference(sharded, single),
+        "shard_map_vs_single": max_difference(per_device, single),
+      }
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
