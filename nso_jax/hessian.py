@@ -12,6 +12,10 @@ pytree of parameters and any data set, inside ``jax.jit``:
   :func:`xtrace`, :func:`lanczos_eigenvalues`, :func:`lanczos_tridiag`,
   :func:`power_iteration`, :func:`stochastic_lanczos_quadrature` and
   :func:`plot_spectral_density`.
+
+The estimators run their loops as ``lax.scan``/``lax.while_loop``, which an
+eager call compiles anew each time: wrap repeated measurements in
+``jax.jit`` with the parameters and the key as arguments.
 """
 
 from nso_jax._src.hessian import LinearOperator as LinearOperator

@@ -194,7 +194,9 @@ def noise_stability_gradient(
   * ``"auto"``: :func:`default_execution` for the current backend.
 
   Gradients are accumulated in at least float32 and returned in the dtype
-  ``grad_fn`` returns them in.
+  ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the train step):
+  outside, the ``"map"`` strategy's loop is traced and compiled anew on every
+  call.
 
   Args:
     grad_fn: maps parameters to gradients with the same structure, e.g.
