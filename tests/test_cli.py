@@ -1,9 +1,11 @@
 """The `nso-jax train` main job at a tiny size, and its input errors."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,7 +127,10 @@ def test_unknown_optimizer_is_rejected_by_the_parser(capsys):
 
 
 def test_console_script_is_installed():
-  executable = shutil.which("nso-jax")
+  # Console scripts sit beside the interpreter, whether or not the virtual
+  # environment is activated.
+  search_path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+  executable = shutil.which("nso-jax", path=search_path)
   if executable is None:
     pytest.fail(
       "the `nso-jax` console script is not on PATH: is the package installed?"
