@@ -66,13 +66,13 @@ def main():
   mesh = jax.make_mesh((8,), ("data",))
   replicated = NamedSharding(mesh, P())
   by_example = NamedSharding(mesh, P("data"))
-  sharded = train(
-    step,
+  placed = (
     jax.device_put(params, replicated),
     jax.device_put(tx.init(params), replicated),
     jax.device_put(x, by_example),
     jax.device_put(y, by_example),
   )
+  sharded = train(step, *placed)
 
   # Data parallel written per device with shard_map: each device holds its
   # slice of the batch and the loss is the pmean of the local losses (the
@@ -91,13 +91,7 @@ def main():
     updates, opt_state = tx.update(zeros, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), opt_state
 
-  per_device = train(
-    per_device_step,
-    jax.device_put(params, replicated),
-    jax.device_put(tx.init(params), replicated),
-    jax.device_put(x, by_example),
-    jax.device_put(y, by_example),
-  )
+  per_device = train(per_device_step, *placed)
 
   def max_difference(a, b):
     return max(

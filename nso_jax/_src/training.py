@@ -268,12 +268,3 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, abstract)
-
-
-__all__ = [
-  "TrainState",
-  "nnx_grad_fn",
-  "restore_checkpoint",
-  "save_checkpoint",
-  "train_step",
-]
