@@ -1,4 +1,4 @@
-"""Tests of the noise samplers, in particular the approximate "normal_fast"."""
+"""Tests of the noise samplers, in particular the Gaussian ones."""
 
 import math
 
@@ -7,49 +7,75 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 import nso_jax
 from nso_jax._src import noise as noise_lib
 
 
-def _byte_sum_pmf() -> np.ndarray:
-  """Exact distribution of the sum of four i.i.d. uniform bytes."""
-  byte = np.full(256, 1.0 / 256)
-  pmf = byte
-  for _ in range(3):
-    pmf = np.convolve(pmf, byte)
-  return pmf
+def _ks_bound(n: int) -> float:
+  """A Kolmogorov-Smirnov distance a correct sampler exceeds with p < 1e-6."""
+  return math.sqrt(-0.5 * math.log(0.5e-6) / n)
 
 
-def test_normal_fast_is_exactly_standardised():
-  pmf = _byte_sum_pmf()
-  support = (np.arange(pmf.size) - noise_lib._BYTE_SUM_MEAN) * (
-    noise_lib._BYTE_SUM_INV_STD
+def test_quantile_table_is_standardised_and_close_to_gaussian():
+  table = noise_lib.gaussian_quantile_table().astype(np.float64)
+  size = 1 << 16
+  assert table.shape == (size,)
+  assert np.all(np.diff(table) > 0)
+  np.testing.assert_array_equal(table, -table[::-1])  # mean exactly 0
+  assert abs(np.mean(table**2) - 1.0) < 1e-7
+  assert abs(np.mean(table**4) - 3.0) < 1e-3
+  assert np.abs(table).max() < 4.33
+  # Each entry has mass 2**-16: the CDF jumps from i / 2**16 to (i+1) / 2**16.
+  gaussian_cdf = scipy.stats.norm.cdf(table)
+  steps = np.arange(size) / size
+  distance = max(
+    np.abs(gaussian_cdf - steps).max(), np.abs(gaussian_cdf - steps - 1 / size).max()
   )
-  mean = np.sum(pmf * support)
-  second = np.sum(pmf * support**2)
-  fourth = np.sum(pmf * support**4)
-  assert abs(mean) < 1e-12
-  assert abs(second - 1.0) < 1e-12
-  # Irwin-Hall-like: excess kurtosis of a discrete uniform over 256 values is
-  # -6 (n^2 + 1) / (5 (n^2 - 1)); a sum of four divides it by four.
-  expected_fourth = 3.0 - 6 * (256**2 + 1) / (5 * (256**2 - 1)) / 4
-  assert abs(fourth - expected_fourth) < 1e-10
+  assert distance < 1.02e-5
 
 
-def test_normal_fast_sample_moments_and_support():
+@pytest.mark.parametrize("noise", ["normal", "normal_fast"])
+def test_gaussian_samplers_pass_a_kolmogorov_smirnov_test(noise):
   n = 400_000
-  z = nso_jax.sample_noise(jax.random.key(3), jnp.zeros(n), "normal_fast")
+  z = nso_jax.sample_noise(jax.random.key(3), jnp.zeros(n), noise)
   x = np.asarray(z, np.float64)
-  fourth = 3.0 - 6 * (256**2 + 1) / (5 * (256**2 - 1)) / 4
-  # Within 5 standard errors: Var(z) = 1, Var(z^2) = E z^4 - 1.
+  assert scipy.stats.kstest(x, "norm").statistic < _ks_bound(n)
+  # Within 5 standard errors: Var(z) = 1, Var(z^2) = E z^4 - 1 = 2.
   assert abs(x.mean()) < 5 / math.sqrt(n)
-  assert abs((x**2).mean() - 1.0) < 5 * math.sqrt((fourth - 1.0) / n)
-  assert abs(x.mean() - np.median(x)) < 0.02  # symmetric
-  bound = 510 * noise_lib._BYTE_SUM_INV_STD
-  assert np.abs(x).max() <= bound + 1e-6
-  # 1021 grid values; a sample this large visits many of them.
-  assert np.unique(x).size > 500
+  assert abs((x**2).mean() - 1.0) < 5 * math.sqrt(2.0 / n)
+
+
+def test_normal_fast_uses_both_halves_of_each_word():
+  # An odd size: the last word contributes one sample.
+  n = 300_001
+  x = np.asarray(nso_jax.sample_noise(jax.random.key(4), jnp.zeros(n), "normal_fast"))
+  assert np.isin(x, noise_lib.gaussian_quantile_table()).all()
+  # ~4.6 expected hits per entry: almost every entry is visited.
+  assert np.unique(x).size > 0.97 * (1 << 16)
+  assert scipy.stats.kstest(x[0::2], "norm").statistic < _ks_bound(n // 2)
+  assert scipy.stats.kstest(x[1::2], "norm").statistic < _ks_bound(n // 2)
+  assert abs(np.corrcoef(x[0:-1:2], x[1::2])[0, 1]) < 5 / math.sqrt(n // 2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float64])
+def test_normal_in_low_and_high_precision(dtype):
+  with jax.enable_x64(dtype == jnp.float64):
+    z = nso_jax.sample_noise(jax.random.key(5), jnp.zeros(100_000, dtype), "normal")
+    assert z.dtype == dtype
+  x = np.asarray(z, np.float64)
+  assert np.isfinite(x).all()
+  # Rounding to 8 (bfloat16) or 11 (float16) significant bits moves the CDF
+  # by at most about 2e-3.
+  assert scipy.stats.kstest(x, "norm").statistic < _ks_bound(x.size) + 2e-3
+
+
+def test_normal_with_a_non_threefry_key_uses_jax_random_normal():
+  key = jax.random.key(0, impl="rbg")
+  z = nso_jax.sample_noise(key, {"w": jnp.zeros(1000)}, "normal")
+  (leaf_key,) = jax.random.split(key, 1)
+  np.testing.assert_array_equal(z["w"], jax.random.normal(leaf_key, (1000,)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -109,7 +135,7 @@ def test_normal_fast_quartic_mean_matches_smoothed_gradient():
   )
   samples = np.asarray(estimate(jax.random.split(jax.random.key(7), num_keys)))
   expected = np.asarray(w**3 + 3 * sigma**2 * w)
-  variance_of_square = 1.7
+  variance_of_square = 2.0  # Var(z^2) = E z^4 - 1
   stderr = 3 * np.abs(w) * sigma**2 * math.sqrt(variance_of_square / (k * num_keys))
   np.testing.assert_array_less(
     np.abs(samples.astype(np.float64).mean(0) - expected),
