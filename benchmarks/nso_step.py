@@ -30,6 +30,7 @@ import optax
 import nso_jax
 from benchmarks import _common
 from benchmarks import models
+from nso_jax._src import estimator as estimator_lib
 
 SIGMA = 0.01
 LEARNING_RATE = 0.01
@@ -174,13 +175,15 @@ def _sam_step(params: Any, loss_fn: Any, batch: Any):
   return (lambda: compiled(params, state, batch)), seconds
 
 
-def derived_ratios(k: int, times: dict[str, float]) -> dict[str, float]:
+def derived_ratios(
+  k: int, times: dict[str, float], convolutional: bool = False
+) -> dict[str, float]:
   """Ratios against the targets: 2k x plain, the loop, and SAM."""
   # The floor: 2k plain steps timed back to back (see build_candidates);
   # 2k x the single-step median is reported too.
   floor = times.get("plain_x2k", 2 * k * times["plain"])
   nso = {n: t for n, t in times.items() if n.startswith("nso/")}
-  default = f"nso/{_default_name()}"
+  default = f"nso/{_default_name(convolutional)}"
   exact_noise = {n: t for n, t in nso.items() if "+" not in n}
   best = min(exact_noise, key=exact_noise.get)
   ratios = {
@@ -207,9 +210,15 @@ def derived_ratios(k: int, times: dict[str, float]) -> dict[str, float]:
   return ratios
 
 
-def _default_name() -> str:
-  execution = nso_jax.default_execution()
+def _default_name(convolutional: bool) -> str:
+  execution = nso_jax.default_execution(convolutional=convolutional)
   return "map1" if execution == "map" else execution
+
+
+def is_convolutional(loss_fn: Any, params: Any, batch: Any) -> bool:
+  """Whether the gradient computes convolutions (as ``execution="auto"`` sees)."""
+  jaxpr = jax.make_jaxpr(jax.grad(loss_fn))(params, batch).jaxpr
+  return estimator_lib._uses_primitive(jaxpr, "conv_general_dilated")
 
 
 def run(
@@ -230,8 +239,10 @@ def run(
   }
   for name in model_names:
     params, loss_fn, batch, settings = models.make_model(name, size)
+    convolutional = is_convolutional(loss_fn, params, batch)
     entry: dict[str, Any] = {
       "settings": settings,
+      "default_execution": nso_jax.default_execution(convolutional=convolutional),
       "num_params": _common.num_params(params),
       "batch_shapes": [list(x.shape) for x in batch],
       "by_k": {},
@@ -246,7 +257,7 @@ def run(
         "loadavg": list(__import__("os").getloadavg()),
         "compile_s": compile_s,
         "steady": stats,
-        "ratios": derived_ratios(k, times),
+        "ratios": derived_ratios(k, times, convolutional),
       }
       print(
         f"{name} k={k}: "

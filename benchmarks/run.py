@@ -1,9 +1,8 @@
 """Runs the whole benchmark suite: ``python -m benchmarks.run --size small``.
 
-``--size small`` (the MLP at every k, the transformer block at k = 1 and 4)
-aims at 10 minutes on an idle 2-core CPU; ``--size full`` is for a GPU
-(bigger models, more repeats, the CNN too: its vmapped convolutions compile
-and run slowly on CPU). Each benchmark writes
+``--size small`` (the MLP and the CNN at every k, the transformer block at
+k = 1 and 4) aims at 10 minutes on an idle 2-core CPU; ``--size full`` is for
+a GPU (bigger models, more repeats). Each benchmark writes
 ``benchmarks/results/<name>_<backend>_<size>.json`` (and PNG plots); a
 failing benchmark is reported and the others still run.
 """
@@ -15,6 +14,7 @@ import os
 import time
 import traceback
 
+from benchmarks import conv_loops
 from benchmarks import hessian_peers
 from benchmarks import memory
 from benchmarks import noise_cost
@@ -34,7 +34,9 @@ SUITES = {
       "--repeats",
       "5",
     ],
+    "nso_step_cnn": ["--size", "small", "--models", "cnn", "--repeats", "5"],
     "memory": ["--size", "small", "--models", "mlp", "--ks", "1,4,16"],
+    "conv_loops": ["--size", "small"],
     "hessian_peers": ["--size", "small", "--repeats", "5", "--seeds", "3"],
   },
   "full": {
@@ -42,13 +44,16 @@ SUITES = {
     "nso_step_mlp": ["--size", "full", "--models", "mlp,cnn,transformer"],
     "memory": ["--size", "full", "--models", "mlp,cnn,transformer"],
     "hessian_peers": ["--size", "full"],
+    "conv_loops": ["--size", "full"],
   },
 }
 
 MAINS = {
+  "conv_loops": conv_loops.main,
   "noise_cost": noise_cost.main,
   "nso_step_mlp": nso_step.main,
   "nso_step_other": nso_step.main,
+  "nso_step_cnn": nso_step.main,
   "memory": memory.main,
   "hessian_peers": hessian_peers.main,
 }

@@ -12,6 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import nso_jax
+from nso_jax._src import estimator as estimator_lib
 from nso_jax._src import noise as noise_lib
 
 EXECUTIONS = [
@@ -145,6 +146,48 @@ def test_every_execution_strategy_agrees(strategy):
     )
   )(params)
   chex.assert_trees_all_close(got, reference, rtol=1e-5, atol=1e-6)
+
+
+def _conv_loss(params, x):
+  h = jax.lax.conv_general_dilated(
+    x, params["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  return jnp.mean(jax.nn.relu(h) ** 2) + jnp.sum(params["w"] ** 4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU default")
+def test_auto_on_cpu_unrolls_convolutional_gradients_only():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  conv_params = {"w": 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 3, 5))}
+  conv_grad = lambda p: jax.grad(_conv_loss)(p, x)
+  dense_grad = jax.grad(lambda p: jnp.sum(jnp.tanh(p["w"]) ** 2))
+
+  def estimator(grad_fn, **options):
+    return lambda params: nso_jax.noise_stability_gradient(
+      grad_fn, params, 3, sigma=0.1, num_perturbations=4, **options
+    )
+
+  def has_loop(grad_fn, params):
+    jaxpr = jax.make_jaxpr(estimator(grad_fn))(params).jaxpr
+    return estimator_lib._uses_primitive(jaxpr, "scan")
+
+  assert not has_loop(conv_grad, conv_params)
+  # Found inside nested jaxprs too (here a rematerialised gradient).
+  assert not has_loop(jax.checkpoint(conv_grad), conv_params)
+  assert has_loop(dense_grad, {"w": jnp.ones(6)})
+  chex.assert_trees_all_close(
+    jax.jit(estimator(conv_grad))(conv_params),
+    jax.jit(estimator(conv_grad, execution="map"))(conv_params),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
+def test_default_execution_per_backend():
+  assert nso_jax.default_execution("gpu") == "vmap"
+  assert nso_jax.default_execution("tpu", convolutional=True) == "vmap"
+  assert nso_jax.default_execution("cpu") == "map"
+  assert nso_jax.default_execution("cpu", convolutional=True) == "unroll"
 
 
 def test_pair_noise_depends_only_on_key_and_index():

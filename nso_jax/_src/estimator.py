@@ -26,23 +26,53 @@ EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 GradFn = Callable[[Any], Any]
 
 
-def default_execution(backend: str | None = None) -> str:
+def default_execution(
+  backend: str | None = None, *, convolutional: bool = False
+) -> str:
   """Returns the execution strategy ``"auto"`` resolves to on ``backend``.
 
   Accelerators run all perturbed gradients as one batched computation
   (``"vmap"``). On CPU, where batching adds no parallelism beyond XLA's own
   threading, a sequential ``lax.scan`` over the pairs (``"map"`` with chunk
-  size 1) was measured fastest, and it keeps memory flat in ``k``; see
+  size 1) was measured fastest, and it keeps memory flat in ``k``. Except for
+  convolutional networks: inside a loop, XLA:CPU computes the backward
+  convolutions with its generic emitter instead of its fast convolution
+  kernels (measured 17x slower than ``"unroll"`` for a small CNN at k = 16,
+  and ``"vmap"`` 2.9x slower), so there the pairs are unrolled. See
   ``benchmarks/``.
 
   Args:
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
+    convolutional: whether the gradient computes convolutions
+      (:func:`noise_stability_gradient` finds out from its jaxpr).
 
   Returns:
-    ``"vmap"`` or ``"map"``.
+    ``"vmap"``, ``"map"`` or ``"unroll"``.
+
+  Example:
+    >>> import nso_jax
+    >>> nso_jax.default_execution("gpu"), nso_jax.default_execution("cpu")
+    ('vmap', 'map')
+    >>> nso_jax.default_execution("cpu", convolutional=True)
+    'unroll'
   """
   backend = backend or jax.default_backend()
-  return "map" if backend == "cpu" else "vmap"
+  if backend != "cpu":
+    return "vmap"
+  return "unroll" if convolutional else "map"
+
+
+def _uses_primitive(jaxpr: Any, name: str) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in its equations applies ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+        if hasattr(inner, "eqns") and _uses_primitive(inner, name):
+          return True
+  return False
 
 
 def check_execution(execution: str, chunk_size: Any) -> tuple[str, int | None]:
@@ -103,8 +133,13 @@ def _to_accumulator(tree):
 
 
 def _check_gradient_structure(grad_fn, params, has_value):
-  """Traces ``grad_fn`` once abstractly and checks what it returns."""
-  out = jax.eval_shape(grad_fn, params)
+  """Traces ``grad_fn`` once and checks what it returns.
+
+  Returns:
+    The shapes of the value (``None`` without ``has_value``) and of the
+    gradients, and whether ``grad_fn`` computes convolutions.
+  """
+  jaxpr, out = jax.make_jaxpr(grad_fn, return_shape=True)(params)
   if has_value:
     if not (isinstance(out, tuple) and len(out) == 2):
       raise ValueError(
@@ -138,7 +173,8 @@ def _check_gradient_structure(grad_fn, params, has_value):
         "`grad_fn(params)` returned a gradient of shape "
         f"{g.shape} for a parameter of shape {jnp.shape(p)}."
       )
-  return value_shape, grads_shape
+  convolutional = _uses_primitive(jaxpr.jaxpr, "conv_general_dilated")
+  return value_shape, grads_shape, convolutional
 
 
 def noise_stability_gradient(
@@ -191,7 +227,9 @@ def noise_stability_gradient(
     sequential), each chunk batched with ``vmap``; memory is bounded by the
     chunk, whatever ``k``;
   * ``"unroll"``: the evaluations one after another in the compiled graph;
-  * ``"auto"``: :func:`default_execution` for the current backend.
+  * ``"auto"``: :func:`default_execution` for the current backend: ``"vmap"``
+    on accelerators; on CPU ``"map"``, or ``"unroll"`` when ``grad_fn``
+    computes convolutions.
 
   Gradients are accumulated in at least float32 and returned in the dtype
   ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the train step):
@@ -249,11 +287,13 @@ def noise_stability_gradient(
   check_sigma(sigma)
   clean_weight = check_clean_weight(clean_weight)
   execution, chunk_size = check_execution(execution, chunk_size)
-  if execution == "auto":
-    execution = default_execution()
   if not jax.tree.leaves(params):
     raise ValueError("`params` is an empty pytree: there is nothing to perturb.")
-  value_shape, grads_shape = _check_gradient_structure(grad_fn, params, has_value)
+  value_shape, grads_shape, convolutional = _check_gradient_structure(
+    grad_fn, params, has_value
+  )
+  if execution == "auto":
+    execution = default_execution(convolutional=convolutional)
 
   def evaluate(w):
     out = grad_fn(w)
