@@ -6,7 +6,8 @@ Measured side by side in one process:
   (``jax.random.normal``, raw ``jax.random.bits``, and ``nso_jax.sample_noise``
   for every noise name, ``normal_fast`` included);
 * the MLP benchmark model's parameter tree, leaf by leaf (what the library
-  does) against one draw for the concatenated size split into leaves;
+  does; and ``jax.random.normal`` leaf by leaf) against one draw for the
+  concatenated size split into leaves;
 * a 128x512x512 float32 matmul as a yardstick.
 
 Run: ``python -m benchmarks.noise_cost``.
@@ -43,6 +44,15 @@ def _one_call_sampler(noise: str, params: Any):
   return sample
 
 
+def _per_leaf_jax_normal(key: jax.Array, params: Any) -> Any:
+  """``jax.random.normal`` leaf by leaf, keys split as ``sample_noise`` does."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten(
+    [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
 def run(num_elements: int, repeats: int, size: str) -> dict[str, Any]:
   """Times every sampler; returns the JSON payload."""
   key = jax.random.key(0)
@@ -56,6 +66,9 @@ def run(num_elements: int, repeats: int, size: str) -> dict[str, Any]:
     samplers[f"flat/{name}"] = lambda k, name=name: noise_lib.sample_noise(
       k, flat, name
     )
+  samplers["mlp_tree_per_leaf/jax.random.normal"] = lambda k: _per_leaf_jax_normal(
+    k, params
+  )
   for name in ("normal", "normal_fast"):
     samplers[f"mlp_tree_per_leaf/{name}"] = lambda k, name=name: noise_lib.sample_noise(
       k, params, name

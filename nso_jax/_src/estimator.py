@@ -37,7 +37,7 @@ def default_execution(
   size 1) was measured fastest, and it keeps memory flat in ``k``. Except for
   convolutional networks: inside a loop, XLA:CPU computes the backward
   convolutions with its generic emitter instead of its fast convolution
-  kernels (measured 17x slower than ``"unroll"`` for a small CNN at k = 16,
+  kernels (measured 15x slower than ``"unroll"`` for a small CNN at k = 16,
   and ``"vmap"`` 2.9x slower), so there the pairs are unrolled. See
   ``benchmarks/``.
 
