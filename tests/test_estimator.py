@@ -188,6 +188,10 @@ def test_default_execution_per_backend():
   assert nso_jax.default_execution("tpu", convolutional=True) == "vmap"
   assert nso_jax.default_execution("cpu") == "map"
   assert nso_jax.default_execution("cpu", convolutional=True) == "unroll"
+  unrolled_at_most = estimator_lib.MAX_AUTO_UNROLLED_PAIRS
+  for k, expected in ((unrolled_at_most, "unroll"), (unrolled_at_most + 1, "map")):
+    got = nso_jax.default_execution("cpu", convolutional=True, num_perturbations=k)
+    assert got == expected
 
 
 def test_pair_noise_depends_only_on_key_and_index():

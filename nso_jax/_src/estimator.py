@@ -26,8 +26,16 @@ EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 GradFn = Callable[[Any], Any]
 
 
+# Unrolled pairs compile in time linear in k (6.9 s at k = 8, 17.5 s at k = 16
+# for the benchmark CNN on CPU) and keep every pair's buffers alive.
+MAX_AUTO_UNROLLED_PAIRS = 8
+
+
 def default_execution(
-  backend: str | None = None, *, convolutional: bool = False
+  backend: str | None = None,
+  *,
+  convolutional: bool = False,
+  num_perturbations: int = 1,
 ) -> str:
   """Returns the execution strategy ``"auto"`` resolves to on ``backend``.
 
@@ -38,13 +46,16 @@ def default_execution(
   convolutional networks: inside a loop, XLA:CPU computes the backward
   convolutions with its generic emitter instead of its fast convolution
   kernels (measured 15x slower than ``"unroll"`` for a small CNN at k = 16,
-  and ``"vmap"`` 2.9x slower), so there the pairs are unrolled. See
-  ``benchmarks/``.
+  and ``"vmap"`` 2.9x slower), so there the pairs are unrolled, up to
+  ``k = 8``; beyond, compile time and memory would grow with ``k``, and
+  ``"map"`` is kept (pass ``execution="unroll"`` or ``"vmap"`` to trade memory
+  for speed). See ``benchmarks/``.
 
   Args:
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
     convolutional: whether the gradient computes convolutions
       (:func:`noise_stability_gradient` finds out from its jaxpr).
+    num_perturbations: ``k``, the number of pairs.
 
   Returns:
     ``"vmap"``, ``"map"`` or ``"unroll"``.
@@ -53,13 +64,15 @@ def default_execution(
     >>> import nso_jax
     >>> nso_jax.default_execution("gpu"), nso_jax.default_execution("cpu")
     ('vmap', 'map')
-    >>> nso_jax.default_execution("cpu", convolutional=True)
+    >>> nso_jax.default_execution("cpu", convolutional=True, num_perturbations=4)
     'unroll'
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return "vmap"
-  return "unroll" if convolutional else "map"
+  if convolutional and num_perturbations <= MAX_AUTO_UNROLLED_PAIRS:
+    return "unroll"
+  return "map"
 
 
 def _uses_primitive(jaxpr: Any, name: str) -> bool:
@@ -229,7 +242,7 @@ def noise_stability_gradient(
   * ``"unroll"``: the evaluations one after another in the compiled graph;
   * ``"auto"``: :func:`default_execution` for the current backend: ``"vmap"``
     on accelerators; on CPU ``"map"``, or ``"unroll"`` when ``grad_fn``
-    computes convolutions.
+    computes convolutions and ``k <= 8``.
 
   Gradients are accumulated in at least float32 and returned in the dtype
   ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the train step):
@@ -293,7 +306,9 @@ def noise_stability_gradient(
     grad_fn, params, has_value
   )
   if execution == "auto":
-    execution = default_execution(convolutional=convolutional)
+    execution = default_execution(
+      convolutional=convolutional, num_perturbations=num_perturbations
+    )
 
   def evaluate(w):
     out = grad_fn(w)

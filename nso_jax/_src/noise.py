@@ -41,7 +41,10 @@ def _random_words(key, shape):
   spends one threefry-2x32 hash (64 output bits) per 32-bit word and XORs the
   two halves. Here each hash yields two words, the threefry construction JAX
   used before: half the hashes for the same number of independent words.
-  Other key implementations fall back to ``jax.random.bits``.
+  Other key implementations fall back to ``jax.random.bits``. The counters
+  pair the two halves of the flattened leaf, so for a leaf sharded across
+  devices XLA adds collectives to compute the words (the values are the
+  same); ``jax.random.bits`` partitions without them.
   """
   if not _is_threefry(key):
     return jax.random.bits(key, shape, jnp.uint32)
@@ -52,7 +55,7 @@ def _random_words(key, shape):
 
 
 def _normal(key, shape, dtype):
-  """Exactly N(0, 1): ``jax.random.normal``'s transform on cheaper words.
+  """The distribution of ``jax.random.normal``, from cheaper words.
 
   The inverse transform of ``jax.random.normal``: 23 random mantissa bits give
   ``u`` uniform on the open interval (-1, 1), and ``sqrt(2) erfinv(u)`` is
@@ -83,7 +86,9 @@ def gaussian_quantile_table() -> np.ndarray:
   inverse_cdf = statistics.NormalDist().inv_cdf
   upper = np.array([inverse_cdf((i + 0.5) / size) for i in range(size // 2, size)])
   upper = upper / math.sqrt(np.mean(upper**2))
-  return np.concatenate([-upper[::-1], upper]).astype(np.float32)
+  table = np.concatenate([-upper[::-1], upper]).astype(np.float32)
+  table.setflags(write=False)  # cached: shared by every later call
+  return table
 
 
 def _normal_fast(key, shape, dtype):
