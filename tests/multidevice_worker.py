@@ -48,6 +48,13 @@ def train(step, params, opt_state, x, y):
   return params
 
 
+def max_difference(a, b):
+  return max(
+    float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
 def main():
   params, x, y = make_problem()
   tx = nso_jax.nso(optax.sgd(0.1), sigma=0.05, num_perturbations=2, key=0)
@@ -93,10 +100,43 @@ def main():
 
   per_device = train(per_device_step, *placed)
 
-  def max_difference(a, b):
-    return max(
-      float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  # Parameters sharded across devices (FSDP-style): same trajectory, and the
+  # noise of a sharded leaf is drawn shard by shard, with no collective.
+  # An Auto mesh: XLA, not the sharding-in-types rules, places the results.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  param_specs = {"w1": P(None, "data"), "b1": P("data"), "w2": P("data")}
+  param_sharded = train(
+    step,
+    jax.tree.map(
+      lambda p, spec: jax.device_put(p, NamedSharding(mesh, spec)), params, param_specs
+    ),
+    tx.init(params),
+    x,
+    y,
+  )
+  noise_tree = {
+    "rows": jax.device_put(jnp.zeros((64, 30)), NamedSharding(mesh, P("data"))),
+    "columns": jax.device_put(
+      jnp.zeros((5, 128)), NamedSharding(mesh, P(None, "data"))
+    ),
+    "vector": jax.device_put(jnp.zeros(4096), NamedSharding(mesh, P("data"))),
+  }
+  noise_collectives, noise_sharded_vs_single = {}, 0.0
+  for name in ("normal", "normal_fast", "rademacher"):
+    draw = jax.jit(lambda key, tree, name=name: nso_jax.sample_noise(key, tree, name))
+    hlo = draw.lower(jax.random.key(1), noise_tree).compile().as_text()
+    noise_collectives[name] = [
+      op
+      for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+      if op in hlo
+    ]
+    unsharded = jax.tree.map(np.asarray, noise_tree)
+    noise_sharded_vs_single = max(
+      noise_sharded_vs_single,
+      max_difference(
+        draw(jax.random.key(1), noise_tree),
+        nso_jax.sample_noise(jax.random.key(1), unsharded, name),
+      ),
     )
 
   moved = max_difference(single, params)
@@ -108,6 +148,10 @@ def main():
         "moved": moved,
         "sharded_vs_single": max_difference(sharded, single),
         "shard_map_vs_single": max_difference(per_device, single),
+        "param_sharded_vs_single": max_difference(param_sharded, single),
+        "param_sharded_devices": len(param_sharded["w1"].sharding.device_set),
+        "noise_collectives": noise_collectives,
+        "noise_sharded_vs_single": noise_sharded_vs_single,
       }
     )
   )

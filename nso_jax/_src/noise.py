@@ -34,24 +34,45 @@ def _is_threefry(key: jax.Array) -> bool:
   return str(jax.random.key_impl(key)) == "threefry2x32"
 
 
-def _random_words(key, shape):
-  """Uniform random uint32 words; for threefry keys at half the usual cost.
+def _pair_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major index of every element of ``shape``, as uint32 iotas."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):
+    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    index = index + iota * np.uint32(stride)
+    stride *= shape[axis]
+  return index
 
-  With ``jax_threefry_partitionable`` (the default), ``jax.random.bits``
-  spends one threefry-2x32 hash (64 output bits) per 32-bit word and XORs the
-  two halves. Here each hash yields two words, the threefry construction JAX
-  used before: half the hashes for the same number of independent words.
-  Other key implementations fall back to ``jax.random.bits``. The counters
-  pair the two halves of the flattened leaf, so for a leaf sharded across
-  devices XLA adds collectives to compute the words (the values are the
-  same); ``jax.random.bits`` partitions without them.
+
+def _random_words(key, shape, elements_per_word=1):
+  """Uniform random uint32 words for a leaf of ``shape`` (at least 1-D).
+
+  Word ``(..., j)`` serves elements ``j * elements_per_word`` onwards of the
+  leaf's last axis, so the result has shape ``shape[:-1] + (ceil(shape[-1] /
+  elements_per_word),)``. For threefry keys, each threefry-2x32 hash (64
+  output bits) yields two adjacent words of the last axis, where
+  ``jax.random.bits`` spends one hash per word (with
+  ``jax_threefry_partitionable``, the default): half the hashes for the same
+  number of independent words. The hash counters are the row-major indices
+  of the word pairs, computed elementwise in the leaf's shape, so a leaf
+  sharded across devices is drawn shard by shard, without communication.
+  Other key implementations, and leaves of 2**33 words or more, use
+  ``jax.random.bits``.
   """
-  if not _is_threefry(key):
-    return jax.random.bits(key, shape, jnp.uint32)
+  last = shape[-1]
+  words_shape = (*shape[:-1], -(-last // elements_per_word))
+  pairs_shape = (*shape[:-1], -(-words_shape[-1] // 2))
+  if not _is_threefry(key) or math.prod(pairs_shape) >= 2**32:
+    return jax.random.bits(key, words_shape, jnp.uint32)
+  counters = _pair_index(pairs_shape)
   key_words = jax.random.key_data(key)
-  counts = jax.lax.iota(jnp.uint32, math.prod(shape))
-  words = jax_random_ext.threefry_2x32((key_words[0], key_words[1]), counts)
-  return words.reshape(shape)
+  first, second = jax_random_ext.threefry2x32_p.bind(
+    key_words[0], key_words[1], jnp.zeros_like(counters), counters
+  )
+  words = jnp.stack([first, second], axis=-1)
+  words = words.reshape((*shape[:-1], 2 * pairs_shape[-1]))
+  return words[..., : words_shape[-1]]
 
 
 def _normal(key, shape, dtype):
@@ -96,15 +117,14 @@ def _normal_fast(key, shape, dtype):
 
   Inverse-transform sampling with a 16-bit uniform index ``i``: ``z`` is entry
   ``i`` of :func:`gaussian_quantile_table`. Each random word gives two
-  samples, and a gather replaces the inverse error function.
+  adjacent samples, and a gather replaces the inverse error function.
   """
-  size = math.prod(shape)
-  words = _random_words(key, (-(-size // 2),))
+  words = _random_words(key, shape, elements_per_word=2)
   halves = jnp.stack([words & jnp.uint32(0xFFFF), words >> 16], axis=-1)
-  indices = halves.reshape(-1)[:size].astype(jnp.int32)
+  indices = halves.reshape((*shape[:-1], 2 * words.shape[-1]))[..., : shape[-1]]
   table = jnp.asarray(gaussian_quantile_table())
-  samples = table.at[indices].get(mode="promise_in_bounds")
-  return samples.reshape(shape).astype(dtype)
+  samples = table.at[indices.astype(jnp.int32)].get(mode="promise_in_bounds")
+  return samples.astype(dtype)
 
 
 def _uniform(key, shape, dtype):
@@ -116,12 +136,11 @@ def _laplace(key, shape, dtype):
 
 
 def _rademacher(key, shape, dtype):
-  """Random signs, 32 from each random word (one bit per sign)."""
-  size = math.prod(shape)
-  words = _random_words(key, (-(-size // 32),))
+  """Random signs, up to 32 from each random word (one bit per sign)."""
+  words = _random_words(key, shape, elements_per_word=32)
   masks = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
-  signs = jnp.where((words[:, None] & masks) != 0, -1, 1).astype(dtype)
-  return signs.reshape(-1)[:size].reshape(shape)
+  signs = jnp.where((words[..., None] & masks) != 0, -1, 1).astype(dtype)
+  return signs.reshape((*shape[:-1], 32 * words.shape[-1]))[..., : shape[-1]]
 
 
 _SAMPLERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
@@ -213,7 +232,8 @@ def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> 
     return tree
   keys = jax.random.split(utils.canonicalize_key(key), len(leaves))
   samples = [
-    sampler(k, jnp.shape(leaf), jnp.result_type(leaf))
+    # Scalars are drawn as one-element vectors: samplers index the last axis.
+    sampler(k, jnp.shape(leaf) or (1,), jnp.result_type(leaf)).reshape(jnp.shape(leaf))
     for k, leaf in zip(keys, leaves, strict=True)
   ]
   return jax.tree.unflatten(treedef, samples)
