@@ -183,7 +183,7 @@ def derived_ratios(
   # 2k x the single-step median is reported too.
   floor = times.get("plain_x2k", 2 * k * times["plain"])
   nso = {n: t for n, t in times.items() if n.startswith("nso/")}
-  default = f"nso/{_default_name(convolutional)}"
+  default = f"nso/{_default_name(convolutional, k)}"
   exact_noise = {n: t for n, t in nso.items() if "+" not in n}
   best = min(exact_noise, key=exact_noise.get)
   ratios = {
@@ -210,8 +210,10 @@ def derived_ratios(
   return ratios
 
 
-def _default_name(convolutional: bool) -> str:
-  execution = nso_jax.default_execution(convolutional=convolutional)
+def _default_name(convolutional: bool, k: int) -> str:
+  execution = nso_jax.default_execution(
+    convolutional=convolutional, num_perturbations=k
+  )
   return "map1" if execution == "map" else execution
 
 
@@ -242,7 +244,7 @@ def run(
     convolutional = is_convolutional(loss_fn, params, batch)
     entry: dict[str, Any] = {
       "settings": settings,
-      "default_execution": nso_jax.default_execution(convolutional=convolutional),
+      "convolutional": convolutional,
       "num_params": _common.num_params(params),
       "batch_shapes": [list(x.shape) for x in batch],
       "by_k": {},

@@ -34,7 +34,7 @@ SUITES = {
       "--repeats",
       "5",
     ],
-    "nso_step_cnn": ["--size", "small", "--models", "cnn", "--repeats", "5"],
+    "nso_step_cnn": ["--size", "small", "--models", "cnn", "--repeats", "3"],
     "memory": ["--size", "small", "--models", "mlp", "--ks", "1,4,16"],
     "conv_loops": ["--size", "small"],
     "hessian_peers": ["--size", "small", "--repeats", "5", "--seeds", "3"],

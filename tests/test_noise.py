@@ -45,6 +45,9 @@ def test_gaussian_samplers_pass_a_kolmogorov_smirnov_test(noise):
   # Within 5 standard errors: Var(z) = 1, Var(z^2) = E z^4 - 1 = 2.
   assert abs(x.mean()) < 5 / math.sqrt(n)
   assert abs((x**2).mean() - 1.0) < 5 * math.sqrt(2.0 / n)
+  # Neighbours share a threefry hash (or, for normal_fast, a word): uncorrelated.
+  assert abs(np.corrcoef(x[0::2], x[1::2])[0, 1]) < 5 / math.sqrt(n // 2)
+  assert abs(np.corrcoef(x[0::2] ** 2, x[1::2] ** 2)[0, 1]) < 5 / math.sqrt(n // 2)
 
 
 def test_normal_fast_uses_both_halves_of_each_word():

@@ -204,7 +204,9 @@ def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> 
 
   The key is split once into one key per leaf (in ``jax.tree.leaves`` order),
   so the result depends only on ``key`` and the tree's structure, shapes and
-  dtypes.
+  dtypes. With threefry keys (the default), a leaf's random words are hashed
+  from counters laid out in the leaf's own shape, so a leaf sharded across
+  devices is drawn shard by shard, without communication.
 
   Args:
     key: an int seed or a PRNG key (see :func:`jax.random.key`).
