@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -11,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,27 @@ def write_result(
 def backend_tag() -> str:
   """``"cpu"``, ``"gpu"`` or ``"tpu"``: a file-name suffix for results."""
   return jax.default_backend()
+
+
+@contextlib.contextmanager
+def model_panels(
+  payload: dict[str, Any], path: Path, title: str
+) -> Iterator[list[tuple[Any, str]]]:
+  """One matplotlib panel per model of ``payload``, saved to ``path`` on exit.
+
+  Yields ``(axes, model_name)`` pairs to draw on; the last panel gets the
+  legend and the figure the ``title``.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(payload["models"])
+  fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+  yield list(zip(axes[0], names, strict=True))
+  axes[0][-1].legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

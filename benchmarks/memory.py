@@ -196,37 +196,29 @@ def _ratios(configs: dict[str, Any], ks: tuple[int, ...]) -> dict[str, Any]:
 
 def plot(payload: dict[str, Any], path: Path) -> None:
   """Compiled temporary bytes against k per strategy, one panel per model."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  names = list(payload["models"])
-  fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-  for ax, name in zip(axes[0], names, strict=True):
-    configs = payload["models"][name]["configs"]
-    for strategy in STRATEGIES:
-      points = sorted(
-        (c["k"], c["memory_analysis"]["temp_size_in_bytes"] / 2**20)
-        for c in configs.values()
-        if c["strategy"] == strategy and c["memory_analysis"]
-      )
-      if points:
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=strategy)
-    plain = configs["plain/k1"]["memory_analysis"]
-    if plain:
-      ax.axhline(plain["temp_size_in_bytes"] / 2**20, color="k", lw=0.8, label="plain")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("k")
-    ax.set_ylabel("compiled temporary memory (MiB)")
-    ax.set_title(name)
-  axes[0][-1].legend(fontsize=7)
-  fig.suptitle(f"NSO step memory ({payload['machine']['backend']})")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  title = f"NSO step memory ({payload['machine']['backend']})"
+  with _common.model_panels(payload, path, title) as panels:
+    for ax, name in panels:
+      configs = payload["models"][name]["configs"]
+      for strategy in STRATEGIES:
+        points = sorted(
+          (c["k"], c["memory_analysis"]["temp_size_in_bytes"] / 2**20)
+          for c in configs.values()
+          if c["strategy"] == strategy and c["memory_analysis"]
+        )
+        if points:
+          xs, ys = zip(*points, strict=True)
+          ax.plot(xs, ys, marker="o", label=strategy)
+      plain = configs["plain/k1"]["memory_analysis"]
+      if plain:
+        ax.axhline(
+          plain["temp_size_in_bytes"] / 2**20, color="k", lw=0.8, label="plain"
+        )
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("k")
+      ax.set_ylabel("compiled temporary memory (MiB)")
+      ax.set_title(name)
 
 
 def main(argv: list[str] | None = None) -> None:

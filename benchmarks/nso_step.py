@@ -220,7 +220,7 @@ def _default_name(convolutional: bool, k: int) -> str:
 def is_convolutional(loss_fn: Any, params: Any, batch: Any) -> bool:
   """Whether the gradient computes convolutions (as ``execution="auto"`` sees)."""
   jaxpr = jax.make_jaxpr(jax.grad(loss_fn))(params, batch).jaxpr
-  return estimator_lib._uses_primitive(jaxpr, "conv_general_dilated")
+  return estimator_lib.computes_convolutions(jaxpr)
 
 
 def run(
@@ -273,43 +273,33 @@ def run(
 
 def plot(payload: dict[str, Any], path: Any) -> None:
   """Step time / (2k x plain) against k, one panel per model."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  names = list(payload["models"])
-  fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-  for ax, name in zip(axes[0], names, strict=True):
-    by_k = payload["models"][name]["by_k"]
-    ks = sorted(int(k) for k in by_k)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for k in ks:
-      entry = by_k[str(k)]
-      steady = entry["steady"]
-      floor = steady.get("plain_x2k", {}).get("median_s") or (
-        2 * k * steady["plain"]["median_s"]
-      )
-      for cand, s in steady.items():
-        if cand in ("plain", "plain_x2k", "sam"):
-          continue
-        series.setdefault(cand, []).append((k, s["median_s"] / floor))
-    for cand, points in sorted(series.items()):
-      xs, ys = zip(*points, strict=True)
-      style = "--" if cand == "loop" else "-"
-      ax.plot(xs, ys, style, marker="o", label=cand)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.1, color="r", lw=0.8, ls=":", label="target 1.10")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (pairs; 2k gradients)")
-    ax.set_ylabel("step time / (2k x plain step)")
-    ax.set_title(f"{name} ({payload['models'][name]['num_params']:,} params)")
-  axes[0][-1].legend(fontsize=7)
   machine = payload["machine"]
-  fig.suptitle(f"NSO step cost, {machine['device_kind']} ({machine['backend']})")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  title = f"NSO step cost, {machine['device_kind']} ({machine['backend']})"
+  with _common.model_panels(payload, path, title) as panels:
+    for ax, name in panels:
+      by_k = payload["models"][name]["by_k"]
+      ks = sorted(int(k) for k in by_k)
+      series: dict[str, list[tuple[int, float]]] = {}
+      for k in ks:
+        entry = by_k[str(k)]
+        steady = entry["steady"]
+        floor = steady.get("plain_x2k", {}).get("median_s") or (
+          2 * k * steady["plain"]["median_s"]
+        )
+        for cand, s in steady.items():
+          if cand in ("plain", "plain_x2k", "sam"):
+            continue
+          series.setdefault(cand, []).append((k, s["median_s"] / floor))
+      for cand, points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        style = "--" if cand == "loop" else "-"
+        ax.plot(xs, ys, style, marker="o", label=cand)
+      ax.axhline(1.0, color="k", lw=0.8)
+      ax.axhline(1.1, color="r", lw=0.8, ls=":", label="target 1.10")
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("k (pairs; 2k gradients)")
+      ax.set_ylabel("step time / (2k x plain step)")
+      ax.set_title(f"{name} ({payload['models'][name]['num_params']:,} params)")
 
 
 def main(argv: list[str] | None = None) -> None:

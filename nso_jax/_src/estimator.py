@@ -88,6 +88,11 @@ def _uses_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
+def computes_convolutions(jaxpr: Any) -> bool:
+  """Whether ``jaxpr`` (a ``Jaxpr``) convolves anywhere, nested jaxprs included."""
+  return _uses_primitive(jaxpr, "conv_general_dilated")
+
+
 def check_execution(execution: str, chunk_size: Any) -> tuple[str, int | None]:
   """Validates an execution strategy and its chunk size."""
   if execution not in EXECUTIONS:
@@ -150,7 +155,7 @@ def _check_gradient_structure(grad_fn, params, has_value):
 
   Returns:
     The shapes of the value (``None`` without ``has_value``) and of the
-    gradients, and whether ``grad_fn`` computes convolutions.
+    gradients, and the jaxpr of ``grad_fn``.
   """
   jaxpr, out = jax.make_jaxpr(grad_fn, return_shape=True)(params)
   if has_value:
@@ -186,8 +191,7 @@ def _check_gradient_structure(grad_fn, params, has_value):
         "`grad_fn(params)` returned a gradient of shape "
         f"{g.shape} for a parameter of shape {jnp.shape(p)}."
       )
-  convolutional = _uses_primitive(jaxpr.jaxpr, "conv_general_dilated")
-  return value_shape, grads_shape, convolutional
+  return value_shape, grads_shape, jaxpr.jaxpr
 
 
 def noise_stability_gradient(
@@ -302,12 +306,13 @@ def noise_stability_gradient(
   execution, chunk_size = check_execution(execution, chunk_size)
   if not jax.tree.leaves(params):
     raise ValueError("`params` is an empty pytree: there is nothing to perturb.")
-  value_shape, grads_shape, convolutional = _check_gradient_structure(
+  value_shape, grads_shape, grad_jaxpr = _check_gradient_structure(
     grad_fn, params, has_value
   )
   if execution == "auto":
     execution = default_execution(
-      convolutional=convolutional, num_perturbations=num_perturbations
+      convolutional=computes_convolutions(grad_jaxpr),
+      num_perturbations=num_perturbations,
     )
 
   def evaluate(w):

@@ -34,7 +34,7 @@ def _is_threefry(key: jax.Array) -> bool:
   return str(jax.random.key_impl(key)) == "threefry2x32"
 
 
-def _pair_index(shape: tuple[int, ...]) -> jax.Array:
+def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
   """The row-major index of every element of ``shape``, as uint32 iotas."""
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
@@ -65,14 +65,17 @@ def _random_words(key, shape, elements_per_word=1):
   pairs_shape = (*shape[:-1], -(-words_shape[-1] // 2))
   if not _is_threefry(key) or math.prod(pairs_shape) >= 2**32:
     return jax.random.bits(key, words_shape, jnp.uint32)
-  counters = _pair_index(pairs_shape)
+  counters = _row_major_index(pairs_shape)
   key_words = jax.random.key_data(key)
   first, second = jax_random_ext.threefry2x32_p.bind(
     key_words[0], key_words[1], jnp.zeros_like(counters), counters
   )
-  words = jnp.stack([first, second], axis=-1)
-  words = words.reshape((*shape[:-1], 2 * pairs_shape[-1]))
-  return words[..., : words_shape[-1]]
+  return _side_by_side(jnp.stack([first, second], axis=-1), words_shape[-1])
+
+
+def _side_by_side(parts: jax.Array, length: int) -> jax.Array:
+  """``(..., w, m) -> (..., length)``: each word's ``m`` parts in a row, trimmed."""
+  return parts.reshape((*parts.shape[:-2], -1))[..., :length]
 
 
 def _normal(key, shape, dtype):
@@ -121,7 +124,7 @@ def _normal_fast(key, shape, dtype):
   """
   words = _random_words(key, shape, elements_per_word=2)
   halves = jnp.stack([words & jnp.uint32(0xFFFF), words >> 16], axis=-1)
-  indices = halves.reshape((*shape[:-1], 2 * words.shape[-1]))[..., : shape[-1]]
+  indices = _side_by_side(halves, shape[-1])
   table = jnp.asarray(gaussian_quantile_table())
   samples = table.at[indices.astype(jnp.int32)].get(mode="promise_in_bounds")
   return samples.astype(dtype)
@@ -140,7 +143,7 @@ def _rademacher(key, shape, dtype):
   words = _random_words(key, shape, elements_per_word=32)
   masks = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
   signs = jnp.where((words[..., None] & masks) != 0, -1, 1).astype(dtype)
-  return signs.reshape((*shape[:-1], 32 * words.shape[-1]))[..., : shape[-1]]
+  return _side_by_side(signs, shape[-1])
 
 
 _SAMPLERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
