@@ -2,12 +2,20 @@
 
 Noise stability optimisation (Zhang, Li, Ju, TMLR 2024) trains towards flat
 minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
+
+* :func:`noise_stability` and :func:`nso`: the Optax transformation;
+* :func:`noise_stability_gradient`: the estimator itself, one call;
+* :func:`sample_noise`: the pytree noise sampler;
+* :mod:`nso_jax.hessian`: curvature operators, trace estimators and spectra;
+* :mod:`nso_jax.batching`: how repeated evaluations (pairs, probes) run;
+* :mod:`nso_jax.training`: Flax Linen / NNX helpers and Orbax checkpoints.
 """
 
+from nso_jax import batching
 from nso_jax import hessian
-from nso_jax._src.estimator import default_execution
 from nso_jax._src.estimator import noise_stability_gradient
 from nso_jax._src.noise import NOISE_DISTRIBUTIONS
+from nso_jax._src.noise import NOISE_NAMES
 from nso_jax._src.noise import sample_noise
 from nso_jax._src.transform import NoiseStabilityState
 from nso_jax._src.transform import noise_stability
@@ -17,8 +25,9 @@ __version__ = "0.1.0"
 
 __all__ = [
   "NOISE_DISTRIBUTIONS",
+  "NOISE_NAMES",
   "NoiseStabilityState",
-  "default_execution",
+  "batching",
   "hessian",
   "noise_stability",
   "noise_stability_gradient",

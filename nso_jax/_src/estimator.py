@@ -8,146 +8,32 @@ odd-order term of the Taylor expansion exactly.
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from typing import Any
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from nso_jax._src import batching
+from nso_jax._src import checks
 from nso_jax._src import noise as noise_lib
-from nso_jax._src import utils
-
-Execution = Literal["auto", "vmap", "map", "unroll"]
-EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 
 GradFn = Callable[[Any], Any]
 
 
-# Unrolled pairs compile in time linear in k (6.9 s at k = 8, 17.5 s at k = 16
-# for the benchmark CNN on CPU) and keep every pair's buffers alive.
-MAX_AUTO_UNROLLED_PAIRS = 8
-
-
-def default_execution(
-  backend: str | None = None,
-  *,
-  convolutional: bool = False,
-  num_perturbations: int = 1,
-) -> str:
-  """Returns the execution strategy ``"auto"`` resolves to on ``backend``.
-
-  Accelerators run all perturbed gradients as one batched computation
-  (``"vmap"``). On CPU, where batching adds no parallelism beyond XLA's own
-  threading, a sequential ``lax.scan`` over the pairs (``"map"`` with chunk
-  size 1) was measured fastest, and it keeps memory flat in ``k``. Except for
-  convolutional networks: inside a loop, XLA:CPU computes the backward
-  convolutions with its generic emitter instead of its fast convolution
-  kernels (measured 15x slower than ``"unroll"`` for a small CNN at k = 16,
-  and ``"vmap"`` 2.9x slower), so there the pairs are unrolled, up to
-  ``k = 8``; beyond, compile time and memory would grow with ``k``, and
-  ``"map"`` is kept (pass ``execution="unroll"`` or ``"vmap"`` to trade memory
-  for speed). See ``benchmarks/``.
-
-  Args:
-    backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
-    convolutional: whether the gradient computes convolutions
-      (:func:`noise_stability_gradient` finds out from its jaxpr).
-    num_perturbations: ``k``, the number of pairs.
-
-  Returns:
-    ``"vmap"``, ``"map"`` or ``"unroll"``.
-
-  Example:
-    >>> import nso_jax
-    >>> nso_jax.default_execution("gpu"), nso_jax.default_execution("cpu")
-    ('vmap', 'map')
-    >>> nso_jax.default_execution("cpu", convolutional=True, num_perturbations=4)
-    'unroll'
-  """
-  backend = backend or jax.default_backend()
-  if backend != "cpu":
-    return "vmap"
-  if convolutional and num_perturbations <= MAX_AUTO_UNROLLED_PAIRS:
-    return "unroll"
-  return "map"
-
-
-def _uses_primitive(jaxpr: Any, name: str) -> bool:
-  """Whether ``jaxpr`` or any jaxpr nested in its equations applies ``name``."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      return True
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
-        if hasattr(inner, "eqns") and _uses_primitive(inner, name):
-          return True
-  return False
-
-
-def computes_convolutions(jaxpr: Any) -> bool:
-  """Whether ``jaxpr`` (a ``Jaxpr``) convolves anywhere, nested jaxprs included."""
-  return _uses_primitive(jaxpr, "conv_general_dilated")
-
-
-def check_execution(execution: str, chunk_size: Any) -> tuple[str, int | None]:
-  """Validates an execution strategy and its chunk size."""
-  if execution not in EXECUTIONS:
-    raise ValueError(f"`execution` must be one of {EXECUTIONS}, got {execution!r}.")
-  if chunk_size is not None:
-    chunk_size = utils.check_positive_int(chunk_size, "chunk_size")
-    if execution != "map":
-      raise ValueError(
-        f"`chunk_size` applies only to execution='map', got chunk_size="
-        f"{chunk_size} with execution={execution!r}."
-      )
-  return execution, chunk_size
-
-
 def check_sigma(sigma: Any) -> Any:
-  """Raises a ValueError if a concrete ``sigma`` is negative or not finite."""
-  if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
-    if not (math.isfinite(sigma) and sigma >= 0):
-      raise ValueError(f"`sigma` must be a finite float >= 0, got {sigma!r}.")
-  elif isinstance(sigma, bool) or (
-    not isinstance(sigma, jax.Array) and not hasattr(sigma, "__array__")
-  ):
-    raise TypeError(f"`sigma` must be a float, got {sigma!r}.")
-  elif jnp.ndim(sigma) != 0:
-    raise ValueError(f"`sigma` must be a scalar, got shape {jnp.shape(sigma)}.")
-  return sigma
+  """Checks a concrete ``sigma`` (finite, >= 0); a traced one passes through."""
+  return checks.check_scalar(sigma, "sigma", minimum=0.0)
 
 
 def check_clean_weight(clean_weight: Any) -> Any:
-  """Returns a concrete ``clean_weight`` as a float in [0, 1].
-
-  A traced scalar (e.g. injected by ``optax.inject_hyperparams``) is returned
-  unchanged: its value cannot be checked at trace time.
-  """
-  if isinstance(clean_weight, jax.core.Tracer) and jnp.ndim(clean_weight) == 0:
-    return clean_weight
-  try:
-    value = float(clean_weight)
-  except (TypeError, ValueError):
-    value = math.nan
-  if isinstance(clean_weight, bool) or not 0.0 <= value <= 1.0:
-    raise ValueError(f"`clean_weight` must be a float in [0, 1], got {clean_weight!r}.")
-  return value
+  """A concrete ``clean_weight`` as a float in [0, 1]; a traced one unchanged."""
+  checks.check_scalar(clean_weight, "clean_weight", minimum=0.0, maximum=1.0)
+  return clean_weight if checks.is_traced(clean_weight) else float(clean_weight)
 
 
-def _accumulation_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _tree_add(a, b):
-  return jax.tree.map(jnp.add, a, b)
-
-
-def _to_accumulator(tree):
-  return jax.tree.map(lambda x: x.astype(_accumulation_dtype(x.dtype)), tree)
+def _to_accumulator(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.astype(checks.accumulation_dtype(x.dtype)), tree)
 
 
 def _check_gradient_structure(grad_fn, params, has_value):
@@ -197,7 +83,7 @@ def _check_gradient_structure(grad_fn, params, has_value):
 def noise_stability_gradient(
   grad_fn: GradFn,
   params: Any,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   sigma: Any,
   num_perturbations: int = 1,
@@ -206,7 +92,7 @@ def noise_stability_gradient(
   clean_weight: float = 0.0,
   clean_gradient: Any = None,
   has_value: bool = False,
-  execution: Execution = "auto",
+  execution: batching.Execution = "auto",
   chunk_size: int | None = None,
 ) -> Any:
   r"""Estimates the gradient of the noise-smoothed loss at ``params``.
@@ -244,9 +130,12 @@ def noise_stability_gradient(
     sequential), each chunk batched with ``vmap``; memory is bounded by the
     chunk, whatever ``k``;
   * ``"unroll"``: the evaluations one after another in the compiled graph;
-  * ``"auto"``: :func:`default_execution` for the current backend: ``"vmap"``
-    on accelerators; on CPU ``"map"``, or ``"unroll"`` when ``grad_fn``
-    computes convolutions and ``k <= 8``.
+  * ``"auto"``: :func:`nso_jax.batching.default_execution` for the current
+    backend: ``"vmap"`` on accelerators; on CPU ``"map"``, or ``"unroll"``
+    when ``grad_fn`` computes convolutions and ``k <= 8``.
+
+  The pairs run through :func:`nso_jax.batching.sum_indices`, the seam the
+  Hessian tools' probes use too.
 
   Gradients are accumulated in at least float32 and returned in the dtype
   ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the train step):
@@ -298,21 +187,25 @@ def noise_stability_gradient(
     Hessian-based Regularization Approach <https://arxiv.org/abs/2306.08553>`_,
     TMLR 2024.
   """
-  key = utils.canonicalize_key(key)
-  num_perturbations = utils.check_positive_int(num_perturbations, "num_perturbations")
+  key = checks.canonicalize_key(key)
+  k = checks.check_positive_int(num_perturbations, "num_perturbations")
   noise_lib.check_noise(noise)
   check_sigma(sigma)
+  one_sided = checks.check_bool(one_sided, "one_sided")
   clean_weight = check_clean_weight(clean_weight)
-  execution, chunk_size = check_execution(execution, chunk_size)
-  if not jax.tree.leaves(params):
-    raise ValueError("`params` is an empty pytree: there is nothing to perturb.")
+  execution, chunk_size = batching.check_execution(execution, chunk_size)
+  checks.check_float_tree(
+    params,
+    "params",
+    "noise can only perturb floating-point "
+    "parameters; keep non-trainable integer state out of them",
+  )
   value_shape, grads_shape, grad_jaxpr = _check_gradient_structure(
     grad_fn, params, has_value
   )
   if execution == "auto":
-    execution = default_execution(
-      convolutional=computes_convolutions(grad_jaxpr),
-      num_perturbations=num_perturbations,
+    execution = batching.default_execution(
+      convolutional=batching.jaxpr_convolves(grad_jaxpr), size=k
     )
 
   def evaluate(w):
@@ -325,38 +218,11 @@ def noise_stability_gradient(
     u = jax.tree.map(lambda zi: zi * jnp.asarray(sigma, zi.dtype), z)
     total = evaluate(jax.tree.map(jnp.add, params, u))
     if not one_sided:
-      total = _tree_add(total, evaluate(jax.tree.map(jnp.subtract, params, u)))
+      plus, minus = total, evaluate(jax.tree.map(jnp.subtract, params, u))
+      total = jax.tree.map(jnp.add, plus, minus)
     return total
 
-  def batched_pair_sum(indices):
-    values = jax.vmap(pair_sum)(indices)
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), values)
-
-  k = num_perturbations
-  if execution == "vmap":
-    total = batched_pair_sum(jnp.arange(k))
-  elif execution == "unroll":
-    total = functools.reduce(_tree_add, (pair_sum(j) for j in range(k)))
-  else:
-    chunk = min(chunk_size or 1, k)
-    num_chunks, remainder = divmod(k, chunk)
-    step_fn = pair_sum if chunk == 1 else batched_pair_sum
-    chunk_indices = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
-    if chunk == 1:
-      chunk_indices = chunk_indices[:, 0]
-    if num_chunks == 1:
-      total = step_fn(chunk_indices[0])
-    else:
-      zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, _accumulation_dtype(s.dtype)),
-        (value_shape, grads_shape),
-      )
-      total, _ = jax.lax.scan(
-        lambda carry, idx: (_tree_add(carry, step_fn(idx)), None), zeros, chunk_indices
-      )
-    if remainder:
-      total = _tree_add(total, batched_pair_sum(jnp.arange(num_chunks * chunk, k)))
-
+  total = batching.sum_indices(pair_sum, k, execution=execution, chunk_size=chunk_size)
   num_evaluations = k if one_sided else 2 * k
   value_sum, grad_sum = total
   scale = 1.0 / num_evaluations

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nso_jax._src import trace as trace_lib
-from nso_jax._src import utils
-
-PyTree = Any
-Matvec = trace_lib.Matvec
+from nso_jax._src import batching
+from nso_jax._src import checks
+from nso_jax._src import noise as noise_lib
+from nso_jax._src import operators
+from nso_jax._src.checks import PyTree
+from nso_jax._src.operators import Matvec
 
 WHICH = ("LA", "SA", "LM")
 
@@ -78,7 +79,7 @@ def _tridiagonal_matrix(diagonal: jax.Array, off_diagonal: jax.Array) -> jax.Arr
 
 
 def lanczos_tridiag(
-  matvec: Any, v0: jax.Array, num_steps: int, key: utils.KeyLike
+  matvec: Any, v0: jax.Array, num_steps: int, key: checks.KeyLike
 ) -> Tridiagonal:
   r"""Lanczos tridiagonalisation with full reorthogonalisation.
 
@@ -116,12 +117,12 @@ def lanczos_tridiag(
   if v0.ndim != 1:
     raise ValueError(f"`v0` must be a flat vector, got shape {v0.shape}.")
   dim = v0.shape[0]
-  num_steps = utils.check_positive_int(num_steps, "num_steps")
+  num_steps = checks.check_positive_int(num_steps, "num_steps")
   if num_steps > dim:
     raise ValueError(
       f"`num_steps` must be at most the dimension {dim}, got {num_steps}."
     )
-  key = utils.canonicalize_key(key)
+  key = checks.canonicalize_key(key)
   dtype = v0.dtype
   eps = jnp.finfo(dtype).eps
   breakdown_tol = np.sqrt(dim) * eps
@@ -162,25 +163,22 @@ def lanczos_tridiag(
   return Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
 
 
-def _check_which(which: str) -> str:
-  if which not in WHICH:
-    raise ValueError(
-      f"`which` must be one of {WHICH} (largest algebraic, smallest algebraic, "
-      f"largest magnitude), got {which!r}."
-    )
-  return which
+def _check_template(template: PyTree) -> None:
+  checks.check_float_tree(
+    template, "template", "curvature is defined for floating-point leaves only"
+  )
 
 
-def _default_num_steps(k: int, dim: int) -> int:
-  return min(dim, max(40, 2 * k))
+def _default_num_steps(num_eigenvalues: int, dim: int) -> int:
+  return min(dim, max(40, 2 * num_eigenvalues))
 
 
 def lanczos_eigenvalues(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
-  k: int,
+  num_eigenvalues: int,
   num_steps: int | None = None,
   which: str = "LA",
   return_eigenvectors: bool = False,
@@ -197,25 +195,27 @@ def lanczos_eigenvalues(
     matvec: ``v -> A v`` on pytrees shaped like ``template``; ``A`` symmetric.
     template: a pytree with the shapes and dtypes of the vectors.
     key: an int seed or a ``jax.random.key``.
-    k: how many eigenvalues, at most the dimension.
-    num_steps: Lanczos steps (matrix-vector products), between ``k`` and the
-      dimension; ``None`` uses ``max(40, 2 k)`` capped at the dimension.
+    num_eigenvalues: how many eigenvalues, at most the dimension.
+    num_steps: Lanczos steps (matrix-vector products), between
+      ``num_eigenvalues`` and the dimension; ``None`` uses ``max(40, 2 *
+      num_eigenvalues)`` capped at the dimension.
     which: ``"LA"`` largest algebraic (sharpest directions, in decreasing
       order), ``"SA"`` smallest algebraic (most negative curvature, in
       increasing order) or ``"LM"`` largest magnitude (decreasing ``|λ|``).
     return_eigenvectors: also return the Ritz vectors.
 
   Returns:
-    The ``k`` eigenvalues; with ``return_eigenvectors``, a pair of the
-    eigenvalues and the unit-norm eigenvectors as one pytree shaped like
-    ``template`` with a leading axis of size ``k``.
+    The ``num_eigenvalues`` eigenvalues; with ``return_eigenvectors``, a pair
+    of the eigenvalues and the unit-norm eigenvectors as one pytree shaped
+    like ``template`` with a leading axis of size ``num_eigenvalues``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from nso_jax import hessian
     >>> diagonal = jnp.linspace(-1.0, 1.0, 100).at[:3].set(jnp.array([5., 4., 3.]))
     >>> hessian.lanczos_eigenvalues(
-    ...     lambda v: diagonal * v, jnp.zeros(100), key=0, k=3, num_steps=30
+    ...     lambda v: diagonal * v, jnp.zeros(100), key=0, num_eigenvalues=3,
+    ...     num_steps=30
     ... ).round(4)
     Array([5., 4., 3.], dtype=float32)
 
@@ -226,23 +226,24 @@ def lanczos_eigenvalues(
     Ghorbani, Krishnan, Xiao, "An investigation into neural net optimization via
     Hessian eigenvalue density", ICML 2019.
   """
-  which = _check_which(which)
-  trace_lib.check_template(template)
-  operator = trace_lib.flatten_operator(matvec, template)
-  k = utils.check_positive_int(k, "k")
+  which = checks.check_choice(which, WHICH, "which")
+  _check_template(template)
+  operator = operators.flatten_operator(matvec, template)
+  k = checks.check_positive_int(num_eigenvalues, "num_eigenvalues")
   if k > operator.dim:
     raise ValueError(
-      f"`k` must be at most the dimension of the operator ({operator.dim}), got k={k}."
+      "`num_eigenvalues` must be at most the dimension of the operator "
+      f"({operator.dim}), got {k}."
     )
   if num_steps is None:
     num_steps = _default_num_steps(k, operator.dim)
-  num_steps = utils.check_positive_int(num_steps, "num_steps")
+  num_steps = checks.check_positive_int(num_steps, "num_steps")
   if not k <= num_steps <= operator.dim:
     raise ValueError(
-      f"`num_steps` must be between k={k} and the dimension {operator.dim}, "
-      f"got {num_steps}."
+      f"`num_steps` must be between num_eigenvalues={k} and the dimension "
+      f"{operator.dim}, got {num_steps}."
     )
-  start_key, restart_key = jax.random.split(utils.canonicalize_key(key))
+  start_key, restart_key = jax.random.split(checks.canonicalize_key(key))
   v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
   result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
   ritz_values, ritz_coordinates = jnp.linalg.eigh(
@@ -264,7 +265,7 @@ def lanczos_eigenvalues(
 def power_iteration(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   num_iters: int = 100,
   tol: float = 1e-8,
@@ -300,14 +301,17 @@ def power_iteration(
     Yao, Gholami, Keutzer, Mahoney, "PyHessian: Neural networks through the lens
     of the Hessian", 2020.
   """
-  num_iters = utils.check_positive_int(num_iters, "num_iters")
-  if isinstance(tol, jax.core.Tracer) or not (np.ndim(tol) == 0 and float(tol) >= 0):
-    raise ValueError(f"`tol` must be a concrete float >= 0, got {tol!r}.")
-  trace_lib.check_template(template)
-  start = trace_lib.sample_probe(utils.canonicalize_key(key), template, "normal")
+  num_iters = checks.check_positive_int(num_iters, "num_iters")
+  if checks.is_traced(tol):
+    raise ValueError("`tol` must be a concrete float >= 0, got a traced value.")
+  checks.check_scalar(tol, "tol", minimum=0.0)
+  _check_template(template)
+  start = noise_lib.sample_noise(
+    checks.canonicalize_key(key), template, jax.random.normal
+  )
 
   def normalise(v):
-    norm = jnp.sqrt(trace_lib.tree_vdot(v, v))
+    norm = jnp.sqrt(operators.tree_vdot(v, v))
     return jax.tree.map(lambda x: x / jnp.where(norm > 0, norm, 1).astype(x.dtype), v)
 
   v = normalise(start)
@@ -320,8 +324,8 @@ def power_iteration(
   def body(state):
     i, v, _, previous, _ = state
     image = matvec(v)
-    eigenvalue = trace_lib.tree_vdot(v, image).astype(dtype)
-    image_norm = jnp.sqrt(trace_lib.tree_vdot(image, image))
+    eigenvalue = operators.tree_vdot(v, image).astype(dtype)
+    image_norm = jnp.sqrt(operators.tree_vdot(image, image))
     converged = jnp.logical_or(
       jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue), image_norm == 0
     )
@@ -338,14 +342,15 @@ def power_iteration(
 def stochastic_lanczos_quadrature(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   num_probes: int = 4,
   num_steps: int = 64,
   grid_size: int = 1000,
   bandwidth: float | None = None,
   bounds: tuple[float, float] | None = None,
-  batch_size: int | None = None,
+  execution: batching.Execution = "auto",
+  chunk_size: int | None = None,
 ) -> SpectralDensity:
   r"""The smoothed eigenvalue density of a symmetric operator by SLQ.
 
@@ -373,10 +378,13 @@ def stochastic_lanczos_quadrature(
       spectral range (the ``bounds``, or the spread of the Ritz values).
     bounds: the grid's ``(low, high)``; ``None`` spans the Ritz values padded
       by five bandwidths, so that the density integrates to one on the grid.
-    batch_size: probes run together (vmapped) inside ``jax.lax.map``; ``None``
-      runs one at a time. Under ``vmap`` the breakdown restart of each step
-      becomes a select that always runs (a fresh vector orthogonalised against
-      the basis), so batching pays off only where matvecs dominate.
+    execution: how the probes' Lanczos runs are batched, ``"auto"``,
+      ``"vmap"``, ``"map"`` or ``"unroll"`` (see
+      :func:`nso_jax.batching.map_indices`); ``"auto"`` runs one at a time
+      on CPU. Under ``vmap`` the breakdown restart of each step becomes a
+      select that always runs (a fresh vector orthogonalised against the
+      basis), so batching pays off only where matvecs dominate.
+    chunk_size: probes per step of ``execution="map"`` (default 1).
 
   Returns:
     A :class:`SpectralDensity`; plot it with :func:`plot_spectral_density`.
@@ -399,16 +407,12 @@ def stochastic_lanczos_quadrature(
     Lin, Saad, Yang, "Approximating spectral densities of large matrices", SIAM
     Review, 2016.
   """
-  num_probes = utils.check_positive_int(num_probes, "num_probes")
-  num_steps = utils.check_positive_int(num_steps, "num_steps")
-  grid_size = utils.check_positive_int(grid_size, "grid_size", minimum=2)
-  batch_size = trace_lib.check_batch_size(batch_size, num_probes)
-  if (
-    bandwidth is not None
-    and not isinstance(bandwidth, jax.core.Tracer)
-    and not (np.ndim(bandwidth) == 0 and float(bandwidth) > 0)
-  ):
-    raise ValueError(f"`bandwidth` must be a float > 0 or None, got {bandwidth!r}.")
+  num_probes = checks.check_positive_int(num_probes, "num_probes")
+  num_steps = checks.check_positive_int(num_steps, "num_steps")
+  grid_size = checks.check_positive_int(grid_size, "grid_size", minimum=2)
+  execution, chunk_size = batching.check_execution(execution, chunk_size)
+  if bandwidth is not None:
+    checks.check_scalar(bandwidth, "bandwidth", minimum=0.0, open_minimum=True)
   if bounds is not None and (len(bounds) != 2):
     raise ValueError(f"`bounds` must be a pair (low, high) or None, got {bounds!r}.")
   if (
@@ -417,12 +421,13 @@ def stochastic_lanczos_quadrature(
     and not float(bounds[0]) < float(bounds[1])
   ):
     raise ValueError(f"`bounds` must satisfy low < high, got {bounds!r}.")
-  trace_lib.check_template(template)
-  operator = trace_lib.flatten_operator(matvec, template)
+  _check_template(template)
+  operator = operators.flatten_operator(matvec, template)
   num_steps = min(num_steps, operator.dim)
-  keys = trace_lib.probe_keys(utils.canonicalize_key(key), num_probes)
+  key = checks.canonicalize_key(key)
 
-  def quadrature(probe_key):
+  def quadrature(index):
+    probe_key = jax.random.fold_in(key, index)
     start_key, restart_key = jax.random.split(probe_key)
     v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
     result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
@@ -431,74 +436,25 @@ def stochastic_lanczos_quadrature(
     )
     return nodes, coordinates[0] ** 2
 
-  nodes, weights = trace_lib.map_probes(quadrature, keys, batch_size)
+  execution = batching.resolve_execution(execution, num_probes, quadrature)
+  nodes, weights = batching.map_indices(
+    quadrature, num_probes, execution=execution, chunk_size=chunk_size
+  )
   dtype = nodes.dtype
   if bounds is None:
     low, high = jnp.min(nodes), jnp.max(nodes)
     width = high - low
     # A single distinct eigenvalue: fall back to a scale set by its magnitude.
     width = jnp.where(width > 0, width, jnp.maximum(jnp.abs(high), 1))
-    sigma = 0.01 * width if bandwidth is None else jnp.asarray(bandwidth, dtype)
-    low, high = low - 5 * sigma, high + 5 * sigma
+    kernel_width = 0.01 * width if bandwidth is None else jnp.asarray(bandwidth, dtype)
+    low, high = low - 5 * kernel_width, high + 5 * kernel_width
   else:
     low, high = (jnp.asarray(b, dtype) for b in bounds)
-    sigma = 0.01 * (high - low) if bandwidth is None else jnp.asarray(bandwidth, dtype)
+    kernel_width = (
+      0.01 * (high - low) if bandwidth is None else jnp.asarray(bandwidth, dtype)
+    )
   grid = jnp.linspace(low, high, grid_size, dtype=dtype)
-  kernel = jnp.exp(-0.5 * ((grid[:, None] - nodes.reshape(-1)) / sigma) ** 2)
-  kernel = kernel / (sigma * math.sqrt(2 * math.pi))
+  distance = (grid[:, None] - nodes.reshape(-1)) / kernel_width
+  kernel = jnp.exp(-0.5 * distance**2) / (kernel_width * math.sqrt(2 * math.pi))
   density = kernel @ weights.reshape(-1) / num_probes
-  return SpectralDensity(grid, density, nodes, weights, sigma)
-
-
-def plot_spectral_density(
-  density: SpectralDensity,
-  ax: Any = None,
-  *,
-  floor: float | None = None,
-  **plot_kwargs: Any,
-) -> Any:
-  """Plots a :class:`SpectralDensity` on a logarithmic density axis.
-
-  Matplotlib is an optional dependency (the ``cli`` extra); it is imported
-  only when this function is called.
-
-  Args:
-    density: the result of :func:`stochastic_lanczos_quadrature` or
-      :func:`nso_jax.hessian.spectral_density`.
-    ax: a matplotlib ``Axes``; ``None`` creates a new figure.
-    floor: the smallest density drawn (a log axis cannot show zero); ``None``
-      uses ``1e-8`` times the peak.
-    **plot_kwargs: passed on to ``ax.semilogy``.
-
-  Returns:
-    The ``Axes``.
-
-  Example:
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
-    >>> import jax.numpy as jnp
-    >>> from nso_jax import hessian
-    >>> density = hessian.stochastic_lanczos_quadrature(
-    ...     lambda v: jnp.linspace(0.0, 1.0, 50) * v, jnp.zeros(50), key=0,
-    ...     num_steps=10, grid_size=100)
-    >>> ax = hessian.plot_spectral_density(density)
-    >>> ax.get_yscale()
-    'log'
-  """
-  try:
-    import matplotlib.pyplot as plt  # optional dependency
-  except ImportError as error:
-    raise ImportError(
-      "plot_spectral_density needs matplotlib: pip install 'nso_jax[cli]' or "
-      "pip install matplotlib."
-    ) from error
-  grid = np.asarray(density.grid)
-  values = np.asarray(density.density)
-  if floor is None:
-    floor = 1e-8 * float(values.max()) if values.max() > 0 else 1e-12
-  if ax is None:
-    _, ax = plt.subplots()
-  ax.semilogy(grid, np.maximum(values, floor), **plot_kwargs)
-  ax.set_xlabel("eigenvalue")
-  ax.set_ylabel("density")
-  return ax
+  return SpectralDensity(grid, density, nodes, weights, kernel_width)

@@ -20,9 +20,10 @@ import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 
-from nso_jax._src import utils
+from nso_jax._src import checks
 
 NoiseName = Literal["normal", "normal_fast", "uniform", "laplace", "rademacher"]
+LeafSampler = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT3 = math.sqrt(3.0)
@@ -146,7 +147,7 @@ def _rademacher(key, shape, dtype):
   return _side_by_side(signs, shape[-1])
 
 
-_SAMPLERS: dict[str, Callable[[jax.Array, tuple[int, ...], Any], jax.Array]] = {
+_SAMPLERS: dict[str, LeafSampler] = {
   "normal": _normal,
   "normal_fast": _normal_fast,
   "uniform": _uniform,
@@ -161,26 +162,14 @@ NOISE_DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "laplace", "rademac
 NOISE_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 
 
-def check_noise(noise: str) -> str:
+def check_noise(noise: Any) -> str:
   """Returns ``noise`` if it names a noise sampler, else raises a ValueError."""
-  if noise not in _SAMPLERS:
-    raise ValueError(f"`noise` must be one of {NOISE_NAMES}, got {noise!r}.")
-  return noise
+  return checks.check_choice(noise, NOISE_NAMES, "noise")
 
 
-def _check_float_leaves(tree: Any) -> None:
-  paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree)
-  for path, leaf in paths_and_leaves:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        "noise can only perturb floating-point parameters; the leaf at "
-        f"{jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}. Keep "
-        "non-trainable integer state out of the parameters."
-      )
-
-
-def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> Any:
+def sample_noise(
+  key: checks.KeyLike, tree: checks.PyTree, noise: NoiseName | LeafSampler = "normal"
+) -> checks.PyTree:
   r"""Draws unit-variance noise shaped like ``tree``, one key per leaf.
 
   Each leaf receives i.i.d. samples of mean 0 and variance 1, in the leaf's own
@@ -203,7 +192,9 @@ def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> 
   * ``"uniform"``: :math:`z \sim U(-\sqrt{3}, \sqrt{3})`;
   * ``"laplace"``: :math:`z \sim \mathrm{Laplace}(0, 1/\sqrt{2})`;
   * ``"rademacher"``: :math:`z = \pm 1` with equal probability, one random bit
-    per element (the cheapest sampler by far).
+    per element (the cheapest sampler by far);
+  * a function ``(key, shape, dtype) -> array`` that draws one leaf, such as
+    ``jax.random.rademacher`` (the Hessian tools draw their probes so).
 
   The key is split once into one key per leaf (in ``jax.tree.leaves`` order),
   so the result depends only on ``key`` and the tree's structure, shapes and
@@ -214,7 +205,7 @@ def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> 
   Args:
     key: an int seed or a PRNG key (see :func:`jax.random.key`).
     tree: a pytree of floating-point arrays (or shape/dtype structs).
-    noise: the distribution's name.
+    noise: the distribution's name, or a function drawing one leaf.
 
   Returns:
     A pytree with the structure, shapes and dtypes of ``tree``.
@@ -230,15 +221,22 @@ def sample_noise(key: utils.KeyLike, tree: Any, noise: NoiseName = "normal") -> 
     >>> z["w"].shape, bool(jnp.all(jnp.abs(z["w"]) == 1))
     ((2, 3), True)
   """
-  sampler = _SAMPLERS[check_noise(noise)]
-  _check_float_leaves(tree)
-  leaves, treedef = jax.tree.flatten(tree)
-  if not leaves:
+  if callable(noise):
+    sampler, shape_of = noise, jnp.shape
+  else:
+    # The named samplers index the last axis: scalars are one-element vectors.
+    sampler, shape_of = _SAMPLERS[check_noise(noise)], lambda x: jnp.shape(x) or (1,)
+  if not jax.tree.leaves(tree):
     return tree
-  keys = jax.random.split(utils.canonicalize_key(key), len(leaves))
+  leaves = checks.check_float_tree(
+    tree,
+    "tree",
+    "noise can only perturb floating-point parameters; keep non-trainable "
+    "integer state out of the parameters",
+  )
+  keys = jax.random.split(checks.canonicalize_key(key), len(leaves))
   samples = [
-    # Scalars are drawn as one-element vectors: samplers index the last axis.
-    sampler(k, jnp.shape(leaf) or (1,), jnp.result_type(leaf)).reshape(jnp.shape(leaf))
+    sampler(k, shape_of(leaf), jnp.result_type(leaf)).reshape(jnp.shape(leaf))
     for k, leaf in zip(keys, leaves, strict=True)
   ]
-  return jax.tree.unflatten(treedef, samples)
+  return jax.tree.unflatten(jax.tree.structure(tree), samples)

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nso_jax._src import batching
+from nso_jax._src import checks
 from nso_jax._src import estimator
 from nso_jax._src import noise as noise_lib
-from nso_jax._src import utils
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -37,12 +38,12 @@ def noise_stability(
   sigma: ScalarOrSchedule,
   num_perturbations: int = 1,
   *,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   noise: noise_lib.NoiseName = "normal",
   one_sided: bool = False,
   clean_weight: float = 0.0,
   has_value: bool = False,
-  execution: estimator.Execution = "auto",
+  execution: batching.Execution = "auto",
   chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the gradient by the noise stability (NSO) gradient.
@@ -135,11 +136,13 @@ def noise_stability(
   """
   if not callable(sigma):
     estimator.check_sigma(sigma)
-  num_perturbations = utils.check_positive_int(num_perturbations, "num_perturbations")
+  num_perturbations = checks.check_positive_int(num_perturbations, "num_perturbations")
   noise_lib.check_noise(noise)
+  one_sided = checks.check_bool(one_sided, "one_sided")
+  has_value = checks.check_bool(has_value, "has_value")
   clean_weight = estimator.check_clean_weight(clean_weight)
-  estimator.check_execution(execution, chunk_size)
-  key = utils.canonicalize_key(key)
+  batching.check_execution(execution, chunk_size)
+  key = checks.canonicalize_key(key)
 
   def init_fn(params):
     del params
@@ -201,7 +204,7 @@ def nso(
   sigma: ScalarOrSchedule,
   num_perturbations: int = 1,
   *,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Bundles :func:`noise_stability` with a base optimizer.

@@ -6,27 +6,34 @@ Hessian of :func:`nso_jax.hessian.hessian_operator`), spends a fixed budget of
 ``num_matvecs`` products, and returns the estimate together with its standard
 error, so that a measured difference in flatness comes with an error bar.
 
-``A`` must be symmetric (a Hessian or a Gauss-Newton matrix is).
+``A`` must be symmetric (a Hessian or a Gauss-Newton matrix is). The products
+of independent probes run through :mod:`nso_jax.batching` (``execution`` and
+``chunk_size``), the seam NSO's perturbation pairs use too.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
-from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from nso_jax._src import utils
+from nso_jax._src import batching
+from nso_jax._src import checks
+from nso_jax._src import noise as noise_lib
+from nso_jax._src import operators
+from nso_jax._src.checks import PyTree
+from nso_jax._src.operators import Matvec
 
-PyTree = Any
-Matvec = Callable[[PyTree], PyTree]
-
-PROBES = ("rademacher", "normal")
+# Probe distributions, drawn leaf by leaf (through nso_jax.sample_noise) or as
+# flat blocks.
+PROBES: dict[str, noise_lib.LeafSampler] = {
+  "rademacher": jax.random.rademacher,
+  "normal": jax.random.normal,
+}
 
 
 class TraceEstimate(NamedTuple):
@@ -45,106 +52,29 @@ class TraceEstimate(NamedTuple):
   num_matvecs: jax.Array
 
 
-class FlatOperator(NamedTuple):
-  """A pytree operator seen through flat vectors (where a basis is needed)."""
-
-  matvec: Callable[[jax.Array], jax.Array]
-  unravel: Callable[[jax.Array], PyTree]
-  dim: int
-  dtype: Any
+def _probe_sampler(probe: str) -> noise_lib.LeafSampler:
+  return PROBES[checks.check_choice(probe, tuple(PROBES), "probe")]
 
 
-# ----------------------------------------------------------------------------
-# Shared helpers (also used by the Lanczos module).
-# ----------------------------------------------------------------------------
+def _flat_probes(
+  key: jax.Array, shape: tuple[int, ...], dtype: object, probe: str
+) -> jax.Array:
+  return PROBES[probe](key, shape, dtype)
 
 
-def check_template(template: PyTree, name: str = "template") -> list[jax.Array]:
-  """Returns the leaves of ``template``; raises if it has none or any is not float."""
-  leaves_with_path = jax.tree_util.tree_leaves_with_path(template)
-  if not leaves_with_path:
-    raise ValueError(
-      f"`{name}` is an empty pytree: there are no parameters to measure curvature over."
-    )
-  for path, leaf in leaves_with_path:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(
-        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
-        f"{dtype}; curvature is defined for floating-point leaves only "
-        "(exclude the others with `param_filter`)."
-      )
-  return [leaf for _, leaf in leaves_with_path]
-
-
-def check_probe(probe: str) -> str:
-  if probe not in PROBES:
-    raise ValueError(f"`probe` must be one of {PROBES}, got {probe!r}.")
-  return probe
-
-
-def check_batch_size(batch_size: int | None, num: int) -> int | None:
-  """Validates the probe batch size; ``None`` maps over probes one at a time."""
-  if batch_size is None:
-    return None
-  return min(utils.check_positive_int(batch_size, "batch_size"), num)
-
-
-def dimension(template: PyTree) -> int:
-  return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(template)))
-
-
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """The Euclidean inner product of two pytrees, accumulated in >= float32."""
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  products = [
-    jnp.vdot(x, y, preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
-    for x, y in zip(leaves_a, leaves_b, strict=True)
-  ]
-  return sum(products[1:], products[0])
-
-
-def random_vector(key: jax.Array, shape, dtype, probe: str) -> jax.Array:
-  if probe == "rademacher":
-    return jax.random.rademacher(key, shape, dtype=dtype)
-  return jax.random.normal(key, shape, dtype=dtype)
-
-
-def sample_probe(key: jax.Array, template: PyTree, probe: str) -> PyTree:
-  """Draws a probe shaped like ``template``, leaf by leaf in each leaf's dtype."""
-  leaves, treedef = jax.tree.flatten(template)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten(
-    [
-      random_vector(k, jnp.shape(leaf), jnp.result_type(leaf), probe)
-      for k, leaf in zip(keys, leaves, strict=True)
-    ]
+def _check_template(template: PyTree) -> None:
+  checks.check_float_tree(
+    template, "template", "curvature is defined for floating-point leaves only"
   )
 
 
-def flatten_operator(matvec: Matvec, template: PyTree) -> FlatOperator:
-  """Views a pytree operator as one acting on flat vectors."""
-  flat, unravel_template = ravel_pytree(template)
-  # Linear algebra (QR, eigh) needs at least float32, whatever the leaves hold.
-  dtype = jnp.promote_types(flat.dtype, jnp.float32)
-
-  def unravel(x: jax.Array) -> PyTree:
-    return unravel_template(x.astype(flat.dtype))
-
-  def flat_matvec(x: jax.Array) -> jax.Array:
-    return ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
-
-  return FlatOperator(flat_matvec, unravel, int(flat.size), dtype)
-
-
-def map_probes(fn: Callable, xs: Any, batch_size: int | None) -> Any:
-  """``jax.lax.map`` over the leading axis, ``batch_size`` probes at a time."""
-  return jax.lax.map(fn, xs, batch_size=batch_size)
-
-
-def probe_keys(key: jax.Array, num: int) -> jax.Array:
-  """One key per probe index; probe i does not depend on how many are drawn."""
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num))
+def resolve_probe_execution(
+  execution: str, chunk_size: int | None, num: int, matvec: Matvec, template: PyTree
+) -> str:
+  """Checks ``execution`` and resolves ``"auto"`` for ``num`` products."""
+  execution, chunk_size = batching.check_execution(execution, chunk_size)
+  zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), template)
+  return batching.resolve_execution(execution, num, lambda _: matvec(zeros))
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,27 +88,21 @@ def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _check_rtol(rtol: float | None) -> float | None:
   if rtol is None:
     return None
-  if isinstance(rtol, jax.core.Tracer):
+  if checks.is_traced(rtol):
     raise ValueError("`rtol` must be a concrete Python float, got a traced value.")
-  if not (np.ndim(rtol) == 0 and float(rtol) >= 0 and math.isfinite(float(rtol))):
-    raise ValueError(f"`rtol` must be a finite float >= 0 or None, got {rtol!r}.")
-  return float(rtol)
-
-
-# ----------------------------------------------------------------------------
-# Hutchinson.
-# ----------------------------------------------------------------------------
+  return float(checks.check_scalar(rtol, "rtol", minimum=0.0))
 
 
 def hutchinson(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   num_matvecs: int,
   probe: str = "rademacher",
   rtol: float | None = None,
-  batch_size: int | None = None,
+  execution: batching.Execution = "auto",
+  chunk_size: int | None = None,
 ) -> TraceEstimate:
   r"""Hutchinson's trace estimator with its standard error.
 
@@ -197,9 +121,10 @@ def hutchinson(
   With ``rtol``, the estimator follows the stopping rule of PyHessian and of
   the NSO paper: it stops at the first probe where the running mean moves by
   at most ``rtol`` times its previous value. The loop is a
-  ``jax.lax.while_loop`` over chunks of ``batch_size`` probes (no host round
-  trips); the decision is taken probe by probe, so the result does not depend
-  on ``batch_size``, and probes computed after the stop are discarded.
+  ``jax.lax.while_loop`` over chunks of ``chunk_size`` probes (all of them
+  with ``execution="vmap"``; no host round trips); the decision is taken
+  probe by probe, so the result does not depend on the chunks, and probes
+  computed after the stop are discarded.
   Early stopping is a heuristic: the reported standard error is that of the
   probes used and is optimistic when the rule stops very early.
 
@@ -211,9 +136,11 @@ def hutchinson(
     probe: ``"rademacher"`` (default) or ``"normal"``.
     rtol: optional relative tolerance for early stopping (the paper uses
       ``1e-3``); ``None`` spends the whole budget.
-    batch_size: probes evaluated together (vmapped) inside ``jax.lax.map``;
-      ``None`` evaluates one probe at a time, which uses least memory and was
-      fastest on a 2-core CPU. Larger batches pay off on accelerators.
+    execution: how the probes' products run, ``"auto"``, ``"vmap"``,
+      ``"map"`` or ``"unroll"``; see :func:`nso_jax.batching.map_indices`.
+      ``"auto"`` runs them one at a time on CPU (least memory, and fastest on
+      a 2-core CPU) and all at once on accelerators.
+    chunk_size: probes per step of ``execution="map"`` (default 1).
 
   Returns:
     A :class:`TraceEstimate`.
@@ -239,22 +166,29 @@ def hutchinson(
     Zhang, Li, Ju, "Noise Stability Optimization for Finding Flat Minima: A
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
-  num = utils.check_positive_int(num_matvecs, "num_matvecs")
-  probe = check_probe(probe)
+  num = checks.check_positive_int(num_matvecs, "num_matvecs")
+  sampler = _probe_sampler(probe)
   rtol = _check_rtol(rtol)
-  batch_size = check_batch_size(batch_size, num)
-  check_template(template)
-  keys = probe_keys(utils.canonicalize_key(key), num)
+  _check_template(template)
+  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  key = checks.canonicalize_key(key)
 
   def quadratic_form(probe_key: jax.Array) -> jax.Array:
-    v = sample_probe(probe_key, template, probe)
-    return tree_vdot(v, matvec(v))
+    v = noise_lib.sample_noise(probe_key, template, sampler)
+    return operators.tree_vdot(v, matvec(v))
 
   if rtol is None:
-    samples = map_probes(quadratic_form, keys, batch_size)
+    samples = batching.map_indices(
+      lambda i: quadratic_form(jax.random.fold_in(key, i)),
+      num,
+      execution=execution,
+      chunk_size=chunk_size,
+    )
     mean, stderr = _mean_and_stderr(samples)
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
-  return _hutchinson_early_stop(quadratic_form, keys, rtol, batch_size or 1)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num))
+  chunk = num if execution == "vmap" else min(chunk_size or 1, num)
+  return _hutchinson_early_stop(quadratic_form, keys, rtol, chunk)
 
 
 def _hutchinson_early_stop(
@@ -310,27 +244,30 @@ def _hutchinson_early_stop(
   return TraceEstimate(mean, stderr, count)
 
 
-# ----------------------------------------------------------------------------
-# Hutch++ and XTrace: low-rank deflation plus a Hutchinson correction.
-# ----------------------------------------------------------------------------
-
-
 def _apply_to_rows(
-  operator: FlatOperator, rows: jax.Array, batch_size: int | None
+  operator: operators.FlatOperator,
+  rows: jax.Array,
+  execution: str,
+  chunk_size: int | None,
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""
-  batch_size = None if batch_size is None else min(batch_size, rows.shape[0])
-  return map_probes(operator.matvec, rows, batch_size)
+  return batching.map_indices(
+    lambda i: operator.matvec(rows[i]),
+    rows.shape[0],
+    execution=execution,
+    chunk_size=chunk_size,
+  )
 
 
 def hutch_pp(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   num_matvecs: int,
   probe: str = "rademacher",
-  batch_size: int | None = None,
+  execution: batching.Execution = "auto",
+  chunk_size: int | None = None,
 ) -> TraceEstimate:
   r"""Hutch++: Hutchinson after deflating a randomised low-rank sketch.
 
@@ -355,8 +292,8 @@ def hutch_pp(
     key: an int seed or a ``jax.random.key``.
     num_matvecs: the budget of matrix-vector products, at least 3.
     probe: ``"rademacher"`` (default) or ``"normal"``.
-    batch_size: products evaluated together inside ``jax.lax.map``; ``None``
-      evaluates one at a time.
+    execution: how the products run (see :func:`hutchinson`).
+    chunk_size: products per step of ``execution="map"`` (default 1).
 
   Returns:
     A :class:`TraceEstimate`.
@@ -374,23 +311,26 @@ def hutch_pp(
     Meyer, Musco, Musco, Woodruff, "Hutch++: Optimal stochastic trace
     estimation", SOSA 2021.
   """
-  num = utils.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
-  probe = check_probe(probe)
-  check_template(template)
-  batch_size = check_batch_size(batch_size, num)
-  operator = flatten_operator(matvec, template)
-  key = utils.canonicalize_key(key)
+  num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
+  _probe_sampler(probe)
+  _check_template(template)
+  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  operator = operators.flatten_operator(matvec, template)
+  key = checks.canonicalize_key(key)
+  rows = functools.partial(
+    _apply_to_rows, operator, execution=execution, chunk_size=chunk_size
+  )
   sketch_size = min(num // 3, operator.dim)
   num_probes = num - 2 * sketch_size
   sketch_key, probe_key = jax.random.split(key)
 
-  sketch = random_vector(sketch_key, (sketch_size, operator.dim), operator.dtype, probe)
-  basis, _ = jnp.linalg.qr(_apply_to_rows(operator, sketch, batch_size).T)
-  low_rank_trace = jnp.sum(basis.T * _apply_to_rows(operator, basis.T, batch_size))
+  sketch = _flat_probes(sketch_key, (sketch_size, operator.dim), operator.dtype, probe)
+  basis, _ = jnp.linalg.qr(rows(sketch).T)
+  low_rank_trace = jnp.sum(basis.T * rows(basis.T))
 
-  probes = random_vector(probe_key, (num_probes, operator.dim), operator.dtype, probe)
+  probes = _flat_probes(probe_key, (num_probes, operator.dim), operator.dtype, probe)
   probes = probes - (probes @ basis) @ basis.T
-  samples = jnp.sum(probes * _apply_to_rows(operator, probes, batch_size), axis=1)
+  samples = jnp.sum(probes * rows(probes), axis=1)
   mean, stderr = _mean_and_stderr(samples)
   return TraceEstimate(low_rank_trace + mean, stderr, jnp.asarray(num, jnp.int32))
 
@@ -398,11 +338,12 @@ def hutch_pp(
 def xtrace(
   matvec: Matvec,
   template: PyTree,
-  key: utils.KeyLike,
+  key: checks.KeyLike,
   *,
   num_matvecs: int,
   probe: str = "rademacher",
-  batch_size: int | None = None,
+  execution: batching.Execution = "auto",
+  chunk_size: int | None = None,
 ) -> TraceEstimate:
   r"""XTrace: the exchangeable, leave-one-out version of Hutch++.
 
@@ -437,8 +378,8 @@ def xtrace(
     key: an int seed or a ``jax.random.key``.
     num_matvecs: the budget of matrix-vector products, at least 2.
     probe: ``"rademacher"`` (default) or ``"normal"``.
-    batch_size: products evaluated together inside ``jax.lax.map``; ``None``
-      evaluates one at a time.
+    execution: how the products run (see :func:`hutchinson`).
+    chunk_size: products per step of ``execution="map"`` (default 1).
 
   Returns:
     A :class:`TraceEstimate`.
@@ -456,18 +397,21 @@ def xtrace(
     Epperly, Tropp, Webber, "XTrace: Making the most of every sample in
     stochastic trace estimation", SIAM J. Matrix Anal. Appl., 2024.
   """
-  num = utils.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
-  probe = check_probe(probe)
-  check_template(template)
-  batch_size = check_batch_size(batch_size, num)
-  operator = flatten_operator(matvec, template)
-  key = utils.canonicalize_key(key)
+  num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
+  _probe_sampler(probe)
+  _check_template(template)
+  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  operator = operators.flatten_operator(matvec, template)
+  key = checks.canonicalize_key(key)
+  rows = functools.partial(
+    _apply_to_rows, operator, execution=execution, chunk_size=chunk_size
+  )
   size = min(num // 2, operator.dim)
 
-  omega = random_vector(key, (size, operator.dim), operator.dtype, probe).T
-  images = _apply_to_rows(operator, omega.T, batch_size).T  # Y = A Omega
+  omega = _flat_probes(key, (size, operator.dim), operator.dtype, probe).T
+  images = rows(omega.T).T  # Y = A Omega
   basis, triangle = jnp.linalg.qr(images)  # Y = Q R
-  projected_images = _apply_to_rows(operator, basis.T, batch_size).T  # Z = A Q
+  projected_images = rows(basis.T).T  # Z = A Q
   compressed = basis.T @ projected_images
   compressed = 0.5 * (compressed + compressed.T)  # H = Q^T A Q
   coefficients = basis.T @ omega  # W = Q^T Omega

@@ -1,0 +1,238 @@
+"""The one batching seam: run ``fn(i)`` over indices ``0 .. size - 1``.
+
+NSO's perturbation pairs and the Hessian tools' random probes are the same
+kind of work: ``size`` independent evaluations of one function of an index.
+:func:`sum_indices` adds their results up (NSO's gradient sum: nothing is
+stacked, so memory does not grow with the count); :func:`map_indices` stacks
+them (per-probe samples, from which a standard error follows). Both run them
+in one of three ways, chosen by ``execution``:
+
+* ``"vmap"``: all at once, as one batched computation;
+* ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` indices (default 1:
+  one at a time), each chunk batched with ``vmap``; memory is bounded by the
+  chunk;
+* ``"unroll"``: one after another in the compiled graph;
+* ``"auto"``: :func:`default_execution`, the one rule for both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from nso_jax._src import checks
+
+Execution = Literal["auto", "vmap", "map", "unroll"]
+EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
+
+# Unrolled evaluations compile in time linear in their number (6.9 s at 8,
+# 17.5 s at 16 NSO pairs of the benchmark CNN on CPU) and keep every
+# evaluation's buffers alive.
+MAX_AUTO_UNROLLED = 8
+
+
+def default_execution(
+  backend: str | None = None, *, convolutional: bool = False, size: int = 1
+) -> str:
+  """Returns the strategy ``execution="auto"`` resolves to on ``backend``.
+
+  Accelerators run all evaluations as one batched computation (``"vmap"``).
+  On CPU, where batching adds no parallelism beyond XLA's own threading, a
+  sequential ``lax.scan`` (``"map"`` with chunk size 1) was measured fastest,
+  and it keeps memory flat in ``size``. Except for convolutional networks:
+  inside a loop, XLA:CPU computes the backward convolutions with its generic
+  emitter instead of its fast convolution kernels (measured 15x slower than
+  ``"unroll"`` for a small CNN at 16 NSO pairs, and ``"vmap"`` 2.9x slower),
+  so there the evaluations are unrolled, up to 8 of them; beyond, compile
+  time and memory would grow with ``size``, and ``"map"`` is kept (pass
+  ``execution="unroll"`` or ``"vmap"`` to trade memory for speed). See
+  ``benchmarks/``.
+
+  Args:
+    backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
+    convolutional: whether the function computes convolutions (see
+      :func:`computes_convolutions`).
+    size: the number of evaluations (NSO pairs, or probes).
+
+  Returns:
+    ``"vmap"``, ``"map"`` or ``"unroll"``.
+
+  Example:
+    >>> from nso_jax import batching
+    >>> batching.default_execution("gpu"), batching.default_execution("cpu")
+    ('vmap', 'map')
+    >>> batching.default_execution("cpu", convolutional=True, size=4)
+    'unroll'
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return "vmap"
+  if convolutional and size <= MAX_AUTO_UNROLLED:
+    return "unroll"
+  return "map"
+
+
+def _uses_primitive(jaxpr: Any, name: str) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in its equations applies ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+        if hasattr(inner, "eqns") and _uses_primitive(inner, name):
+          return True
+  return False
+
+
+def jaxpr_convolves(jaxpr: Any) -> bool:
+  """Whether a ``Jaxpr`` convolves anywhere, nested jaxprs included."""
+  return _uses_primitive(jaxpr, "conv_general_dilated")
+
+
+def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fn(*args)`` convolves anywhere, nested computations included.
+
+  ``fn`` is traced once (abstractly: nothing is computed).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from nso_jax import batching
+    >>> conv = lambda x: jnp.convolve(x, jnp.ones(3))
+    >>> batching.computes_convolutions(jax.grad(lambda x: conv(x).sum()), jnp.ones(5))
+    True
+  """
+  return jaxpr_convolves(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def check_execution(execution: Any, chunk_size: Any) -> tuple[str, int | None]:
+  """Validates an execution strategy and its chunk size."""
+  checks.check_choice(execution, EXECUTIONS, "execution")
+  if chunk_size is not None:
+    chunk_size = checks.check_positive_int(chunk_size, "chunk_size")
+    if execution != "map":
+      raise ValueError(
+        f"`chunk_size` applies only to execution='map', got chunk_size="
+        f"{chunk_size} with execution={execution!r}."
+      )
+  return execution, chunk_size
+
+
+def resolve_execution(
+  execution: str, size: int, fn: Callable[[jax.Array], Any] | None = None
+) -> str:
+  """``execution``, with ``"auto"`` resolved by :func:`default_execution`.
+
+  ``fn``, a function of one index, is traced to find out whether it convolves;
+  without it, it is taken not to.
+  """
+  if execution != "auto":
+    return execution
+  convolutional = fn is not None and computes_convolutions(fn, jnp.int32(0))
+  return default_execution(convolutional=convolutional, size=size)
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _vmap_sum(fn: Callable[[jax.Array], Any], indices: jax.Array) -> Any:
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(fn)(indices))
+
+
+def sum_indices(
+  fn: Callable[[jax.Array], Any],
+  size: int,
+  *,
+  execution: Execution = "auto",
+  chunk_size: int | None = None,
+) -> Any:
+  """The sum of ``fn(i)`` over ``i = 0 .. size - 1``, run as ``execution`` says.
+
+  Only the running sum is kept: with ``"map"``, memory is that of one chunk
+  whatever ``size``. The result is the same for every strategy up to the
+  order of floating-point summation.
+
+  Args:
+    fn: maps an int32 index to a pytree of arrays.
+    size: the number of indices, at least 1.
+    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
+    chunk_size: indices per step of ``"map"`` (default 1).
+
+  Returns:
+    The sum, a pytree like ``fn``'s output.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import batching
+    >>> batching.sum_indices(lambda i: i**2, 4, execution="map", chunk_size=3)
+    Array(14, dtype=int32)
+  """
+  size = checks.check_positive_int(size, "size")
+  execution, chunk_size = check_execution(execution, chunk_size)
+  execution = resolve_execution(execution, size, fn)
+  if execution == "vmap":
+    return _vmap_sum(fn, jnp.arange(size))
+  if execution == "unroll":
+    return functools.reduce(_tree_add, (fn(jnp.int32(i)) for i in range(size)))
+  chunk = min(chunk_size or 1, size)
+  num_chunks, remainder = divmod(size, chunk)
+  step_fn = fn if chunk == 1 else functools.partial(_vmap_sum, fn)
+  chunk_indices = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
+  if chunk == 1:
+    chunk_indices = chunk_indices[:, 0]
+  if num_chunks == 1:
+    total = step_fn(chunk_indices[0])
+  else:
+    shapes = jax.eval_shape(step_fn, chunk_indices[0])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(
+      lambda carry, i: (_tree_add(carry, step_fn(i)), None), zeros, chunk_indices
+    )
+  if remainder:
+    total = _tree_add(total, _vmap_sum(fn, jnp.arange(num_chunks * chunk, size)))
+  return total
+
+
+def map_indices(
+  fn: Callable[[jax.Array], Any],
+  size: int,
+  *,
+  execution: Execution = "auto",
+  chunk_size: int | None = None,
+) -> Any:
+  """``fn(i)`` for ``i = 0 .. size - 1``, stacked on a new leading axis.
+
+  The evaluations run as in :func:`sum_indices`; the results are identical
+  for every strategy up to rounding.
+
+  Args:
+    fn: maps an int32 index to a pytree of arrays.
+    size: the number of indices, at least 1.
+    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
+    chunk_size: indices per step of ``"map"`` (default 1).
+
+  Returns:
+    A pytree like ``fn``'s output, each leaf with a leading axis of ``size``.
+
+  Example:
+    >>> from nso_jax import batching
+    >>> batching.map_indices(lambda i: 2 * i, 3, execution="vmap")
+    Array([0, 2, 4], dtype=int32)
+  """
+  size = checks.check_positive_int(size, "size")
+  execution, chunk_size = check_execution(execution, chunk_size)
+  execution = resolve_execution(execution, size, fn)
+  indices = jnp.arange(size)
+  if execution == "vmap":
+    return jax.vmap(fn)(indices)
+  if execution == "unroll":
+    outputs = [fn(jnp.int32(i)) for i in range(size)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+  batch_size = None if chunk_size is None or chunk_size == 1 else min(chunk_size, size)
+  return jax.lax.map(fn, indices, batch_size=batch_size)

@@ -1,0 +1,277 @@
+"""Matrix-free curvature operators over pytrees.
+
+A curvature operator is a :class:`LinearOperator`: a ``matvec`` on pytrees
+shaped like the (selected) parameters. :func:`hessian_operator` gives the loss
+Hessian through forward-over-reverse products, :func:`ggn_operator` the
+Gauss-Newton matrix :math:`J^\\top H_{\\text{out}} J`. Both average exactly over
+a data set given as one batch, a list (or iterator) of batches of any sizes, or
+:class:`StackedBatches`, and accumulate inside the compiled
+program. :func:`flatten_operator` views any operator on flat vectors, for the
+algorithms that need a basis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from nso_jax._src import checks
+from nso_jax._src import data_plans
+from nso_jax._src import selection
+from nso_jax._src.checks import PyTree
+
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+Matvec = Callable[[PyTree], PyTree]
+
+CURVATURE_LEAVES = (
+  "curvature is defined for floating-point leaves only (exclude the others "
+  "with `param_filter`)"
+)
+
+
+class LinearOperator(NamedTuple):
+  """A symmetric linear map on pytrees, known through its products.
+
+  It unpacks as ``(matvec, template)``, the first two arguments of every
+  estimator: ``hutchinson(*operator, key, num_matvecs=...)``.
+
+  Attributes:
+    matvec: ``v -> A v`` for pytrees ``v`` shaped like ``template``.
+    template: the parameters the operator acts on (unselected leaves of a
+      ``param_filter`` are ``None``); only shapes and dtypes matter.
+  """
+
+  matvec: Callable[[PyTree], PyTree]
+  template: PyTree
+
+  @property
+  def dim(self) -> int:
+    """The number of scalar parameters the operator acts on."""
+    return dimension(self.template)
+
+
+class FlatOperator(NamedTuple):
+  """A pytree operator seen through flat vectors (where a basis is needed)."""
+
+  matvec: Callable[[jax.Array], jax.Array]
+  unravel: Callable[[jax.Array], PyTree]
+  dim: int
+  dtype: Any
+
+
+def dimension(template: PyTree) -> int:
+  return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(template)))
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """The Euclidean inner product of two pytrees, accumulated in >= float32."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  products = [
+    jnp.vdot(x, y, preferred_element_type=checks.accumulation_dtype(x.dtype))
+    for x, y in zip(leaves_a, leaves_b, strict=True)
+  ]
+  return sum(products[1:], products[0])
+
+
+def flatten_operator(matvec: Matvec, template: PyTree) -> FlatOperator:
+  """Views a pytree operator as one acting on flat vectors."""
+  flat, unravel_template = ravel_pytree(template)
+  # Linear algebra (QR, eigh) needs at least float32, whatever the leaves hold.
+  dtype = checks.accumulation_dtype(flat.dtype)
+
+  def unravel(x: jax.Array) -> PyTree:
+    return unravel_template(x.astype(flat.dtype))
+
+  def flat_matvec(x: jax.Array) -> jax.Array:
+    return ravel_pytree(matvec(unravel(x)))[0].astype(dtype)
+
+  return FlatOperator(flat_matvec, unravel, int(flat.size), dtype)
+
+
+def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTree:
+  r"""The Hessian-vector product :math:`\nabla^2 L(\theta) v`, forward over reverse.
+
+  Computed as the directional derivative of the gradient,
+  :math:`\frac{d}{d\epsilon} \nabla L(\theta + \epsilon v)|_{\epsilon=0}`, by
+  ``jax.jvp`` of ``jax.grad``: one forward and one backward pass, about twice
+  the cost of a gradient, with no Hessian ever formed.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    params: the point :math:`\theta`, any pytree.
+    batch: the data passed to ``loss_fn``.
+    tangent: the direction :math:`v`, a pytree shaped like ``params``.
+
+  Returns:
+    :math:`\nabla^2 L(\theta) v`, shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import hessian
+    >>> loss = lambda w, x: jnp.sum(x * w ** 3) / 3  # Hessian diag(2 x w)
+    >>> hessian.hvp(loss, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]),
+    ...             jnp.array([1.0, 1.0]))
+    Array([2., 4.], dtype=float32)
+  """
+  gradient = lambda p: jax.grad(loss_fn)(p, batch)
+  return jax.jvp(gradient, (params,), (tangent,))[1]
+
+
+def _check_scalar_loss(value: Any, name: str) -> None:
+  shape = getattr(value, "shape", None)
+  dtype = getattr(value, "dtype", None)
+  if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"`{name}` must return a float scalar (the mean loss over the batch), "
+      f"got {jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)}."
+    )
+
+
+def hessian_operator(
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  *,
+  param_filter: selection.ParamFilter = None,
+) -> LinearOperator:
+  r"""The loss Hessian over a data set, as a matrix-free operator.
+
+  With batches :math:`b` of :math:`n_b` examples and mean losses :math:`L_b`,
+  the operator is the Hessian of the data-set mean loss,
+
+  .. math::
+    H = \frac{\sum_b n_b \nabla^2 L_b(\theta)}{\sum_b n_b},
+
+  applied by forward-over-reverse products (:func:`hvp`) accumulated in a
+  ``jax.lax.scan`` over the batches, inside the caller's compiled program.
+  ``data`` may be
+
+  * one batch: any pytree of arrays (an array, a tuple, a dict, ...);
+  * a ``list`` or an iterator of batches, of possibly unequal sizes: batches
+    of equal size are stacked and scanned, one scan per distinct size, each
+    weighted by its example count, so an unequal last batch counts exactly;
+  * :class:`StackedBatches`: batches already stacked on a leading axis, with
+    optional per-batch weights.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
+    params: the point at which to take the Hessian, any pytree of float arrays.
+    data: the data set, as above.
+    param_filter: restricts the operator to some parameter leaves (the others
+      held fixed), e.g. for layer-wise traces: a pytree of bools whose
+      structure is a prefix of ``params``, or a callable ``(path, leaf) ->
+      bool`` on the key paths of ``jax.tree_util.tree_leaves_with_path``.
+      The operator then acts on pytrees shaped like ``params`` with ``None``
+      in place of the unselected leaves.
+
+  Returns:
+    A :class:`LinearOperator`.
+
+  Raises:
+    ValueError: for an empty ``params``, a non-scalar loss, malformed ``data``
+      or a ``param_filter`` that selects nothing.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import hessian
+    >>> loss = lambda w, x: jnp.mean((x @ w) ** 2)  # Hessian 2 X^T X / n
+    >>> batches = [jnp.eye(3)[:2], jnp.eye(3)[2:]]  # 2 examples, then 1
+    >>> operator = hessian.hessian_operator(loss, jnp.zeros(3), batches)
+    >>> operator.matvec(jnp.ones(3)) * 3 / 2  # equals X^T X v for the full X
+    Array([1., 1., 1.], dtype=float32)
+  """
+  selected, merge = selection.select(params, param_filter)
+  checks.check_float_tree(selected, "params", CURVATURE_LEAVES)
+  plan = data_plans.make_plan(data)
+  restricted_loss = lambda sub, batch: loss_fn(merge(sub), batch)
+  _check_scalar_loss(
+    jax.eval_shape(restricted_loss, selected, plan.first_batch()), "loss_fn"
+  )
+
+  def matvec(v: PyTree) -> PyTree:
+    per_batch = lambda batch, tangent: hvp(restricted_loss, selected, batch, tangent)
+    return data_plans.average_over_data(per_batch, plan, v)
+
+  return LinearOperator(matvec, selected)
+
+
+def ggn_operator(
+  model_fn: Callable[[PyTree, PyTree], PyTree],
+  per_example_loss: Callable[[PyTree, PyTree], jax.Array],
+  params: PyTree,
+  data: Any,
+  *,
+  param_filter: selection.ParamFilter = None,
+) -> LinearOperator:
+  r"""The generalised Gauss-Newton matrix over a data set, as an operator.
+
+  For a loss :math:`L(\theta) = \ell(f(\theta))` of model outputs
+  :math:`f(\theta)`, the GGN drops the second derivatives of the model,
+
+  .. math::
+    G = J^\top \, \nabla^2_{f} \ell \; J, \qquad J = \partial f / \partial
+    \theta,
+
+  which is positive semi-definite whenever :math:`\ell` is convex in the
+  outputs (squared error, cross-entropy) and equals the Fisher information for
+  those losses. One product costs a linearisation of the model, a Hessian-vector
+  product of :math:`\ell` in the outputs and a transposed linear map. Data are
+  handled as in :func:`hessian_operator`.
+
+  Args:
+    model_fn: ``model_fn(params, batch) -> outputs`` (any pytree).
+    per_example_loss: ``per_example_loss(outputs, batch) -> losses`` of shape
+      ``(n,)`` (as optax's losses return) or a scalar; its mean is the loss.
+    params: the point, any pytree of float arrays.
+    data: one batch, a list or iterator of batches, or :class:`StackedBatches`.
+    param_filter: as in :func:`hessian_operator`.
+
+  Returns:
+    A :class:`LinearOperator`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from nso_jax import hessian
+    >>> model = lambda w, batch: batch["x"] @ w
+    >>> loss = lambda out, batch: optax.l2_loss(out, batch["y"])  # 0.5 * error^2
+    >>> batch = {"x": jnp.eye(2), "y": jnp.zeros(2)}
+    >>> operator = hessian.ggn_operator(model, loss, jnp.ones(2), batch)
+    >>> operator.matvec(jnp.array([1.0, 0.0]))  # X^T X / n
+    Array([0.5, 0. ], dtype=float32)
+  """
+  selected, merge = selection.select(params, param_filter)
+  checks.check_float_tree(selected, "params", CURVATURE_LEAVES)
+  plan = data_plans.make_plan(data)
+  restricted_model = lambda sub, batch: model_fn(merge(sub), batch)
+
+  def output_loss(outputs: PyTree, batch: PyTree) -> jax.Array:
+    return jnp.mean(per_example_loss(outputs, batch))
+
+  first = plan.first_batch()
+  outputs = jax.eval_shape(restricted_model, selected, first)
+  losses = jax.eval_shape(per_example_loss, outputs, first)
+  shape = getattr(losses, "shape", None)
+  if shape is None or len(shape) > 1:
+    raise ValueError(
+      "`per_example_loss` must return per-example losses of shape (n,) or a "
+      f"scalar, got {losses}."
+    )
+
+  def per_batch(batch: PyTree, v: PyTree) -> PyTree:
+    model = lambda sub: restricted_model(sub, batch)
+    outputs, model_jvp = jax.linearize(model, selected)
+    output_gradient = lambda out: jax.grad(output_loss)(out, batch)
+    output_hvp = jax.jvp(output_gradient, (outputs,), (model_jvp(v),))[1]
+    (product,) = jax.linear_transpose(model_jvp, selected)(output_hvp)
+    return product
+
+  return LinearOperator(
+    lambda v: data_plans.average_over_data(per_batch, plan, v), selected
+  )

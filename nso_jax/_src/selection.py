@@ -1,0 +1,68 @@
+"""Parameter selection: restrict a curvature operator to some leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from nso_jax._src.checks import PyTree
+
+ParamFilter = PyTree | Callable[[tuple[Any, ...], jax.Array], bool] | None
+
+
+def _selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
+  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
+  if param_filter is None:
+    return [True] * len(leaves_with_path)
+  if callable(param_filter):
+    mask = [param_filter(path, leaf) for path, leaf in leaves_with_path]
+  else:
+    try:
+      broadcast = jax.tree.map(
+        lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
+        param_filter,
+        params,
+      )
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+        "`param_filter` must be a callable (path, leaf) -> bool or a pytree "
+        "of bools whose structure is a prefix of `params`; got "
+        f"{jax.tree.structure(param_filter)} for params "
+        f"{jax.tree.structure(params)}."
+      ) from error
+    mask = jax.tree.leaves(broadcast)
+  for flag in mask:
+    if not isinstance(flag, (bool, np.bool_)):
+      raise ValueError(
+        "`param_filter` must give Python bools (it fixes which leaves are "
+        f"measured at trace time), got {flag!r}."
+      )
+  if not any(mask):
+    raise ValueError("`param_filter` selects no parameter leaf.")
+  return [bool(flag) for flag in mask]
+
+
+def select(
+  params: PyTree, param_filter: ParamFilter
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  """Returns the selected sub-pytree and a function merging one back in."""
+  leaves, treedef = jax.tree.flatten(params)
+  if not leaves:
+    raise ValueError("`params` is an empty pytree: it needs at least one array.")
+  mask = _selection_mask(params, param_filter)
+  if all(mask):
+    return params, lambda selected: selected
+  selected = treedef.unflatten(
+    [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
+  )
+
+  def merge(selected: PyTree) -> PyTree:
+    chosen = iter(jax.tree.leaves(selected))
+    return treedef.unflatten(
+      [next(chosen) if keep else leaf for leaf, keep in zip(leaves, mask, strict=True)]
+    )
+
+  return selected, merge
