@@ -1,7 +1,10 @@
-"""The `nso-jax train` main job at a tiny size, and its input errors."""
+"""The `nso-jax train` main job at a tiny size, its input errors, its imports."""
 
+import ast
+import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -10,7 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from nso_jax import cli
+import nso_jax
+from nso_jax.app import cli
+from nso_jax.app import data
+from nso_jax.app import job
 
 TINY = [
   "train",
@@ -102,21 +108,56 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, arrays, message):
     path.write_text("not an archive")
   assert cli.main([*TINY, f"--data={path}", f"--out={tmp_path / 'out'}"]) == 2
   error = capsys.readouterr().err
-  assert error.startswith("nso-jax: error: --data")
+  assert error.startswith("nso-jax: error: --data: ")
+  assert "`path`" not in error and "`data`" not in error
   assert re.search(message, error), error
 
 
 @pytest.mark.parametrize(
   ("argv", "message"),
   [
-    (["--epochs=0"], "`epochs` must be an int >= 1, got 0"),
-    (["--sigma=-1"], "`sigma` must be a finite float > 0, got -1.0"),
-    (["--test-fraction=1.5"], "`test_fraction` must be in"),
+    (["--epochs=0"], "--epochs must be an int >= 1, got 0."),
+    (["--sigma=-1"], "--sigma must be a finite float > 0, got -1.0."),
+    (["--lr=inf"], "--lr must be a finite float > 0, got inf."),
+    (["--k=0"], "--k must be an int >= 1, got 0."),
+    (["--test-fraction=1.5"], "--test-fraction must be in (0, 1), got 1.5."),
+    (["--batch-size=5000"], "--batch-size 5000 exceeds the 1257 training examples."),
   ],
 )
 def test_bad_settings_give_clear_errors(tmp_path, capsys, argv, message):
   assert cli.main([*TINY, *argv, f"--out={tmp_path}"]) == 2
-  assert message in capsys.readouterr().err
+  assert capsys.readouterr().err == f"nso-jax: error: {message}\n"
+
+
+def test_library_errors_name_fields_not_flags(tmp_path):
+  with pytest.raises(
+    data.SettingError, match=r"^`num_perturbations` must be an int"
+  ) as info:
+    job.Config(num_perturbations=0)
+  assert info.value.field == "num_perturbations"
+  missing = str(tmp_path / "x.npz")
+  with pytest.raises(data.DataError, match=r"^`path`: no such file") as info:
+    data.load_npz(missing)
+  assert info.value.field == "path"
+  with pytest.raises(data.DataError, match=r"^`data`: no such file") as info:
+    job.run(job.Config(data=missing, output=str(tmp_path / "out")))
+  assert info.value.field == "data"
+  tiny = job.Config(batch_size=5000, output=str(tmp_path / "out"), progress=False)
+  with pytest.raises(
+    data.SettingError, match=r"^`batch_size` \(5000\) exceeds the 1257 training"
+  ) as info:
+    job.run(tiny, printer=lambda _: None)
+  assert info.value.field == "batch_size"
+
+
+def test_flags_set_config_fields(capsys):
+  assert set(cli.FLAGS) <= {field.name for field in dataclasses.fields(job.Config)}
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--help"])
+  assert exit_info.value.code == 0
+  usage = capsys.readouterr().out
+  for flag in cli.FLAGS.values():
+    assert re.search(rf"{flag}\b", usage), flag
 
 
 def test_unknown_optimizer_is_rejected_by_the_parser(capsys):
@@ -139,3 +180,47 @@ def test_console_script_is_installed():
     [executable, "train", "--help"], capture_output=True, text=True, check=True
   )
   assert "--data FILE.npz" in result.stdout
+
+
+def test_module_entry_point_runs_the_command():
+  result = subprocess.run(
+    [sys.executable, "-m", "nso_jax.app", "train", "--help"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert result.stdout.startswith("usage: nso-jax train")
+
+
+PACKAGE_ROOT = pathlib.Path(nso_jax.__file__).parent
+
+
+def _imported_modules(path):
+  """The absolute module names a source file imports (``from a import b``: a.b)."""
+  names = []
+  for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    if isinstance(node, ast.Import):
+      names += [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      assert node.level == 0, f"{path}: relative import"
+      names += [f"{node.module}.{alias.name}" for alias in node.names]
+  return names
+
+
+def _is_within(module, package):
+  return module == package or module.startswith(package + ".")
+
+
+def test_app_uses_only_the_public_api():
+  app_files = sorted((PACKAGE_ROOT / "app").glob("*.py"))
+  assert {path.name for path in app_files} >= {"cli.py", "job.py", "data.py"}
+  for path in app_files:
+    for module in _imported_modules(path):
+      assert not _is_within(module, "nso_jax._src"), f"{path} imports {module}"
+
+
+def test_library_internals_import_neither_the_app_nor_the_public_package():
+  for path in sorted((PACKAGE_ROOT / "_src").rglob("*.py")):
+    for module in _imported_modules(path):
+      if _is_within(module, "nso_jax"):
+        assert _is_within(module, "nso_jax._src"), f"{path} imports {module}"

@@ -1,0 +1,200 @@
+"""Classification data for the main job: the bundled digits or a user's file.
+
+Both loaders return a :class:`Dataset` split into stratified train and test
+sets and standardised with the training statistics. What cannot be used
+raises :class:`DataError`, which names the argument at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+
+class SettingError(ValueError):
+  """A setting or argument that cannot be used, naming the field at fault.
+
+  The message is a subject naming the field, then :attr:`detail`. The subject
+  is the field in backticks, followed by :attr:`value` in parentheses when the
+  message quotes one: "`batch_size` (32) exceeds the 10 training examples.".
+  A front end that spells the fields differently (a command line's flags)
+  rebuilds the message with :meth:`message`.
+
+  Attributes:
+    field: the name of the Config field or function argument at fault.
+    detail: what is wrong with it, the message after the subject.
+    value: the value the subject quotes, or ``None`` when it quotes none.
+  """
+
+  separator = " "
+  """What joins the subject to the detail."""
+
+  def __init__(self, field: str, detail: str, *, value: Any = None):
+    self.field = field
+    self.detail = detail
+    self.value = value
+    super().__init__(self.message())
+
+  def message(self, name: str | None = None) -> str:
+    """The message, with the field spelt ``name``.
+
+    Args:
+      name: how to spell the field, e.g. a command-line flag; the subject is
+        then ``name`` and the value, if any, without parentheses. ``None``
+        spells the field in backticks.
+
+    Returns:
+      The one-line message.
+    """
+    if name is None:
+      subject = f"`{self.field}`"
+      if self.value is not None:
+        subject += f" ({self.value})"
+    else:
+      subject = name if self.value is None else f"{name} {self.value}"
+    return subject + self.separator + self.detail
+
+  def with_field(self, field: str) -> SettingError:
+    """The same error, attributed to ``field`` (e.g. the setting behind an argument).
+
+    Args:
+      field: the name the new error gives the field at fault.
+
+    Returns:
+      An error of the same type, detail and value.
+    """
+    return type(self)(field, self.detail, value=self.value)
+
+
+class DataError(SettingError):
+  """Data that cannot be used, with the reason and the argument at fault."""
+
+  separator = ": "
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A classification data set split into train and test arrays."""
+
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+
+
+def split_dataset(
+  features: np.ndarray, labels: np.ndarray, test_fraction: float, name: str
+) -> Dataset:
+  """Splits examples into stratified train and test sets and standardises them.
+
+  Args:
+    features: ``(n, d)`` numeric features.
+    labels: ``(n,)`` class labels of any type; they become ``0 .. C-1``.
+    test_fraction: the share of examples held out for testing.
+    name: the data set's name, for reports.
+
+  Returns:
+    The :class:`Dataset`, with features standardised by the training mean and
+    standard deviation (constant features left unscaled) as ``float32`` and
+    labels as ``int32``.
+
+  Raises:
+    DataError: when the examples cannot be split with ``test_fraction``.
+  """
+  from sklearn.model_selection import train_test_split
+
+  classes, labels = np.unique(labels, return_inverse=True)
+  try:
+    x_train, x_test, y_train, y_test = train_test_split(
+      features, labels, test_size=test_fraction, random_state=0, stratify=labels
+    )
+  except ValueError as error:
+    raise DataError(
+      "test_fraction",
+      f"cannot split {len(labels)} examples of {len(classes)} classes into "
+      f"train and test sets: {error}",
+      value=test_fraction,
+    ) from None
+  mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+  std = np.where(std > 0, std, 1.0)
+  standardise = lambda a: ((a - mean) / std).astype(np.float32)
+  return Dataset(
+    name=name,
+    x_train=standardise(x_train),
+    y_train=y_train.astype(np.int32),
+    x_test=standardise(x_test),
+    y_test=y_test.astype(np.int32),
+    num_classes=len(classes),
+  )
+
+
+def load_digits(test_fraction: float = 0.3) -> Dataset:
+  """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split.
+
+  Args:
+    test_fraction: the share of examples held out for testing (stratified).
+
+  Returns:
+    The standardised, split :class:`Dataset`.
+  """
+  from sklearn.datasets import load_digits as sklearn_digits
+
+  bunch = sklearn_digits()
+  return split_dataset(bunch.data, bunch.target, test_fraction, "digits (scikit-learn)")
+
+
+def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
+  """A user's classification data: an ``.npz`` file with arrays ``X`` and ``y``.
+
+  Args:
+    path: the file; ``X`` is ``(n, d)`` numeric features, ``y`` is ``(n,)``
+      class labels (integers or strings).
+    test_fraction: the share of examples held out for testing (stratified).
+
+  Returns:
+    The standardised, split :class:`Dataset`.
+
+  Raises:
+    DataError: naming what is wrong with the file (field ``path``) or the
+      split (field ``test_fraction``).
+  """
+  if not os.path.isfile(path):
+    raise DataError("path", f"no such file: {path!r}.")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {name: archive[name] for name in archive.files}
+  except Exception as error:
+    raise DataError(
+      "path", f"{path!r} is not a readable .npz archive ({error})."
+    ) from None
+  missing = [name for name in ("X", "y") if name not in arrays]
+  if missing:
+    raise DataError(
+      "path",
+      f"{path!r} lacks the array(s) {missing}; it must hold X (n, d) features "
+      f"and y (n,) labels; found {sorted(arrays)}.",
+    )
+  x, y = arrays["X"], arrays["y"]
+  if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+    raise DataError(
+      "path",
+      f"X must be a 2-D numeric array (n, d), got shape {x.shape} and dtype {x.dtype}.",
+    )
+  if y.ndim != 1 or len(y) != len(x):
+    raise DataError(
+      "path",
+      f"y must be 1-D with one label per row of X ({len(x)}), got shape {y.shape}.",
+    )
+  if np.issubdtype(y.dtype, np.floating) and not np.all(np.mod(y, 1) == 0):
+    raise DataError("path", "y must hold class labels, got non-integer floats.")
+  if not np.all(np.isfinite(x)):
+    raise DataError("path", "X contains NaN or infinite values.")
+  if len(np.unique(y)) < 2:
+    raise DataError("path", "y must contain at least two classes.")
+  name = os.path.basename(path)
+  return split_dataset(x.astype(np.float64), y, test_fraction, name)
