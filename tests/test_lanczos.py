@@ -34,12 +34,19 @@ def problem() -> ht.Problem:
 def eigenvalues_fn():
   """hessian.eigenvalues compiled with the data and the key as arguments."""
 
-  def run(loss, params, batch, key, *, k, which, num_steps):
+  def run(loss, params, batch, key, *, num_eigenvalues, which, num_steps):
     return hessian.eigenvalues(
-      loss, params, batch, key, k=k, which=which, num_steps=num_steps
+      loss,
+      params,
+      batch,
+      key,
+      num_eigenvalues=num_eigenvalues,
+      which=which,
+      num_steps=num_steps,
     )
 
-  return jax.jit(run, static_argnames=("loss", "k", "which", "num_steps"))
+  static = ("loss", "num_eigenvalues", "which", "num_steps")
+  return jax.jit(run, static_argnames=static)
 
 
 def relative_error(got, expected) -> float:
@@ -55,7 +62,7 @@ class TestEigenvaluesAgainstDense:
       problem.params,
       problem.batch,
       jax.random.key(seed),
-      k=5,
+      num_eigenvalues=5,
       which="LA",
       num_steps=30,
     )
@@ -67,7 +74,7 @@ class TestEigenvaluesAgainstDense:
       problem.params,
       problem.batch,
       jax.random.key(0),
-      k=5,
+      num_eigenvalues=5,
       which="SA",
       num_steps=60,
     )
@@ -80,7 +87,7 @@ class TestEigenvaluesAgainstDense:
       problem.params,
       problem.batch,
       jax.random.key(0),
-      k=5,
+      num_eigenvalues=5,
       which="SA",
       num_steps=30,
     )
@@ -92,7 +99,7 @@ class TestEigenvaluesAgainstDense:
       problem.params,
       problem.batch,
       jax.random.key(0),
-      k=3,
+      num_eigenvalues=3,
       which="LM",
       num_steps=40,
     )
@@ -105,7 +112,7 @@ class TestEigenvaluesAgainstDense:
       problem.params,
       problem.batch,
       0,
-      k=3,
+      num_eigenvalues=3,
       num_steps=30,
       return_eigenvectors=True,
     )
@@ -163,7 +170,7 @@ class TestLanczosTridiag:
     matrix = ht.decaying_spectrum_matrix(jax.random.key(0), 20, decay=0.5)
     matrix = matrix - 0.5 * np.eye(20)  # some negative eigenvalues too
     got = hessian.lanczos_eigenvalues(
-      *ht.matrix_operator(matrix), 0, k=20, num_steps=20, which="SA"
+      *ht.matrix_operator(matrix), 0, num_eigenvalues=20, num_steps=20, which="SA"
     )
     np.testing.assert_allclose(got, np.linalg.eigvalsh(matrix), atol=1e-5)
 
@@ -249,14 +256,15 @@ class TestSpectralDensity:
   def test_deterministic_and_independent_of_probe_batching(self):
     diagonal = jnp.linspace(-1.0, 1.0, 40) ** 3
     run = jax.jit(
-      lambda key, batch_size: hessian.stochastic_lanczos_quadrature(
+      lambda key, chunk_size: hessian.stochastic_lanczos_quadrature(
         lambda v: diagonal * v,
         jnp.zeros(40),
         key,
         num_probes=3,
         num_steps=10,
         grid_size=50,
-        batch_size=batch_size,
+        execution="map",
+        chunk_size=chunk_size,
       ),
       static_argnums=1,
     )
@@ -277,7 +285,7 @@ class TestJitAndDeterminism:
   def test_same_key_bitwise_and_jit_matches_eager(self):
     tiny = ht.tiny_problem()
     run = lambda params, batch, key: hessian.top_eigenvalues(
-      ht.loss_fn, params, batch, key, k=3, num_steps=10
+      ht.loss_fn, params, batch, key, num_eigenvalues=3, num_steps=10
     )
     compiled = jax.jit(run)
     first = compiled(tiny.params, tiny.batch, jax.random.key(1))
@@ -288,19 +296,23 @@ class TestJitAndDeterminism:
 
 
 class TestValidation:
-  def test_k_larger_than_the_dimension(self):
-    message = r"`k` must be at most the dimension .*\(5\), got k=6"
+  def test_more_eigenvalues_than_the_dimension(self):
+    message = r"`num_eigenvalues` must be at most the dimension .*\(5\), got 6"
     with pytest.raises(ValueError, match=message):
-      hessian.lanczos_eigenvalues(lambda v: v, jnp.zeros(5), 0, k=6)
+      hessian.lanczos_eigenvalues(lambda v: v, jnp.zeros(5), 0, num_eigenvalues=6)
 
   def test_num_steps_below_k(self):
-    message = r"`num_steps` must be between k=4 and .* got 3"
+    message = r"`num_steps` must be between num_eigenvalues=4 and .* got 3"
     with pytest.raises(ValueError, match=message):
-      hessian.lanczos_eigenvalues(lambda v: v, jnp.zeros(10), 0, k=4, num_steps=3)
+      hessian.lanczos_eigenvalues(
+        lambda v: v, jnp.zeros(10), 0, num_eigenvalues=4, num_steps=3
+      )
 
   def test_unknown_which(self):
     with pytest.raises(ValueError, match=r"`which` must be one of .* got 'BE'"):
-      hessian.lanczos_eigenvalues(lambda v: v, jnp.zeros(10), 0, k=1, which="BE")
+      hessian.lanczos_eigenvalues(
+        lambda v: v, jnp.zeros(10), 0, num_eigenvalues=1, which="BE"
+      )
 
   def test_tridiag_steps_beyond_the_dimension(self):
     message = r"`num_steps` must be at most the dimension 3"
@@ -312,7 +324,7 @@ class TestValidation:
       hessian.lanczos_tridiag(lambda v: v, jnp.ones((3, 2)), 2, 0)
 
   def test_bad_bandwidth_and_bounds(self):
-    with pytest.raises(ValueError, match=r"`bandwidth` must be a float > 0"):
+    with pytest.raises(ValueError, match=r"`bandwidth` must be a finite float > 0"):
       hessian.stochastic_lanczos_quadrature(
         lambda v: v, jnp.zeros(4), 0, bandwidth=-1.0
       )

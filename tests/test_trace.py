@@ -200,10 +200,10 @@ class TestEarlyStopping:
     np.testing.assert_allclose(stopped.value, fixed.value, rtol=1e-5)
     np.testing.assert_allclose(stopped.stderr, fixed.stderr, rtol=1e-3)
 
-  def test_does_not_depend_on_the_batch_size(self, tiny_operator):
+  def test_does_not_depend_on_the_chunks(self, tiny_operator):
     results = [
-      hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2, batch_size=size)
-      for size in (None, 16)
+      hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2, **options)
+      for options in ({}, dict(execution="map", chunk_size=16), dict(execution="vmap"))
     ]
     for result in results[1:]:
       assert int(result.num_matvecs) == int(results[0].num_matvecs)
@@ -246,9 +246,19 @@ class TestJitAndDeterminism:
     np.testing.assert_allclose(compiled.stderr, eager.stderr, rtol=1e-4, atol=1e-6)
     assert int(compiled.num_matvecs) == int(eager.num_matvecs)
 
-  def test_batched_probes_agree_with_one_at_a_time(self, name, jitted, tiny_operator):
+  @pytest.mark.parametrize(
+    "options",
+    [
+      dict(execution="map", chunk_size=4),
+      dict(execution="vmap"),
+      dict(execution="unroll"),
+    ],
+  )
+  def test_every_execution_agrees_with_one_at_a_time(
+    self, name, jitted, tiny_operator, options
+  ):
     batched = jax.jit(
-      lambda key: ESTIMATORS[name](*tiny_operator, key, num_matvecs=9, batch_size=4)
+      lambda key: ESTIMATORS[name](*tiny_operator, key, num_matvecs=9, **options)
     )(jax.random.key(2))
     single = jitted[name](jax.random.key(2))
     np.testing.assert_allclose(batched.value, single.value, rtol=1e-5)
@@ -279,16 +289,20 @@ class TestValidation:
     with pytest.raises(ValueError, match=r"`rtol` must be a finite float >= 0"):
       hessian.hutchinson(lambda v: v, jnp.zeros(3), 0, num_matvecs=2, rtol=-1.0)
 
-  def test_bad_batch_size(self):
-    with pytest.raises(ValueError, match=r"`batch_size` must be an int >= 1, got 0"):
-      hessian.hutchinson(lambda v: v, jnp.zeros(3), 0, num_matvecs=2, batch_size=0)
+  def test_bad_execution_and_chunk_size(self):
+    with pytest.raises(ValueError, match=r"`chunk_size` must be an int >= 1, got 0"):
+      hessian.hutchinson(
+        lambda v: v, jnp.zeros(3), 0, num_matvecs=2, execution="map", chunk_size=0
+      )
+    with pytest.raises(ValueError, match=r"`execution` must be one of .*got 'pmap'"):
+      hessian.xtrace(lambda v: v, jnp.zeros(3), 0, num_matvecs=2, execution="pmap")
 
   def test_empty_template(self):
     with pytest.raises(ValueError, match=r"`template` is an empty pytree"):
       hessian.hutchinson(lambda v: v, {}, 0, num_matvecs=2)
 
   def test_integer_template(self):
-    with pytest.raises(ValueError, match=r"leaf \['n'\] has dtype int32"):
+    with pytest.raises(TypeError, match=r"leaf \['n'\] has dtype int32"):
       hessian.xtrace(lambda v: v, {"n": jnp.zeros(3, jnp.int32)}, 0, num_matvecs=4)
 
   def test_missing_key(self):
@@ -309,7 +323,7 @@ def test_low_precision_parameters_work_with_every_estimator():
     assert (
       abs(float(estimate.value) - exact) <= 4 * float(estimate.stderr) + 0.02 * exact
     )
-  top = hessian.top_eigenvalues(loss, w, x, 0, k=2, num_steps=20)
+  top = hessian.top_eigenvalues(loss, w, x, 0, num_eigenvalues=2, num_steps=20)
   np.testing.assert_allclose(top, [4.0, 2 * float(x[-2])], rtol=2e-2)
   density = hessian.spectral_density(loss, w, x, 0, num_steps=10, grid_size=50)
   assert bool(jnp.all(jnp.isfinite(density.density)))
