@@ -130,7 +130,7 @@ def _plan_stacked(data: StackedBatches) -> DataPlan:
         f"`data.weights` must have shape ({num},), one weight per batch, got "
         f"{weights.shape}."
       )
-    if not isinstance(weights, jax.core.Tracer):
+    if not checks.is_traced(weights):
       concrete = np.asarray(weights)
       if np.any(concrete < 0) or not concrete.sum() > 0:
         raise ValueError(

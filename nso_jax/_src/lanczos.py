@@ -417,7 +417,7 @@ def stochastic_lanczos_quadrature(
     raise ValueError(f"`bounds` must be a pair (low, high) or None, got {bounds!r}.")
   if (
     bounds is not None
-    and all(not isinstance(b, jax.core.Tracer) for b in bounds)
+    and not any(checks.is_traced(b) for b in bounds)
     and not float(bounds[0]) < float(bounds[1])
   ):
     raise ValueError(f"`bounds` must satisfy low < high, got {bounds!r}.")
