@@ -6,8 +6,11 @@ Side by side, on the benchmark CNN (``models.make_cnn``, small size):
   unrolled (the shape of NSO's ``"map"`` and ``"unroll"`` strategies);
 * the same with forward passes only (the loss, no gradient);
 * 8 Hutchinson probes of the Hessian trace through
-  ``nso_jax.hessian.trace`` (probes in ``lax.map``; and vmapped, in one
-  chunk) against the same 8 products unrolled.
+  ``nso_jax.hessian.trace``: ``execution="map"`` (probes one at a time in
+  ``lax.map``), ``execution="map", chunk_size=8`` (vmapped, in one chunk of
+  ``lax.map``) and ``execution="unroll"`` (the same 8 products unrolled).
+  The one-step ``lax.map`` of the vmapped candidate is a loop too, and as slow:
+  ``execution="vmap"``, no loop at all, times close to unrolled.
 
 On XLA:CPU the backward convolutions of a loop body keep their
 non-canonical dimension labels and run through the generic emitter instead
@@ -21,6 +24,7 @@ Run: ``python -m benchmarks.conv_loops``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,7 +33,6 @@ import jax.numpy as jnp
 from benchmarks import _common
 from benchmarks import models
 from nso_jax import hessian
-from nso_jax._src import trace as trace_lib
 
 NUM_PROBES = 8
 
@@ -63,30 +66,30 @@ def candidates(size: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
   key = jax.random.key(0)
 
-  def trace_map(p):
-    return hessian.trace(loss_fn, p, batch, key, num_matvecs=NUM_PROBES).value
+  def trace_with(
+    execution: str, chunk_size: int | None = None
+  ) -> Callable[[Any], jax.Array]:
+    def estimate(p):
+      return hessian.trace(
+        loss_fn,
+        p,
+        batch,
+        key,
+        num_matvecs=NUM_PROBES,
+        execution=execution,
+        chunk_size=chunk_size,
+      ).value
 
-  def trace_vmapped(p):
-    return hessian.trace(
-      loss_fn, p, batch, key, num_matvecs=NUM_PROBES, batch_size=NUM_PROBES
-    ).value
-
-  def trace_unrolled(p):
-    keys = trace_lib.probe_keys(key, NUM_PROBES)
-    total = jnp.zeros(())
-    for i in range(NUM_PROBES):
-      v = trace_lib.sample_probe(keys[i], p, "rademacher")
-      total = total + trace_lib.tree_vdot(v, hessian.hvp(loss_fn, p, batch, v))
-    return total / NUM_PROBES
+    return estimate
 
   fns = {
     "grads/loop": grads_loop,
     "grads/unrolled": grads_unrolled,
     "loss/loop": loss_loop,
     "loss/unrolled": loss_unrolled,
-    "trace8/lax.map": trace_map,
-    "trace8/vmapped": trace_vmapped,
-    "trace8/unrolled": trace_unrolled,
+    "trace8/lax.map": trace_with("map"),
+    "trace8/vmapped": trace_with("map", chunk_size=NUM_PROBES),
+    "trace8/unrolled": trace_with("unroll"),
   }
   return {name: (fn, params) for name, fn in fns.items()}, settings
 

@@ -96,7 +96,9 @@ def jax_candidates(params, loss_fn, batch):
     return ravel_pytree(out)[0]
 
   def nso_trace(key):
-    return hessian.trace(loss_fn, params, batch, key, num_matvecs=TRACE_MATVECS).value
+    return hessian.trace(
+      loss_fn, params, batch, key, num_matvecs=TRACE_MATVECS, execution="map"
+    ).value
 
   def matfree_trace(key):
     sampler = matfree.stochtrace.sampler_signs(flat, num=TRACE_MATVECS)
@@ -107,7 +109,7 @@ def jax_candidates(params, loss_fn, batch):
 
   def nso_top(key):
     return hessian.top_eigenvalues(
-      loss_fn, params, batch, key, k=TOP_K, num_steps=LANCZOS_STEPS
+      loss_fn, params, batch, key, num_eigenvalues=TOP_K, num_steps=LANCZOS_STEPS
     )
 
   def matfree_top(key):
@@ -118,7 +120,13 @@ def jax_candidates(params, loss_fn, batch):
 
   def nso_density(key):
     return hessian.spectral_density(
-      loss_fn, params, batch, key, num_probes=1, num_steps=DENSITY_STEPS
+      loss_fn,
+      params,
+      batch,
+      key,
+      num_probes=1,
+      num_steps=DENSITY_STEPS,
+      execution="map",
     ).density
 
   return {

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import nso_jax
 from benchmarks import _common
 from benchmarks import models
-from nso_jax._src import noise as noise_lib
 
 
 def _one_call_sampler(noise: str, params: Any):
@@ -34,7 +34,7 @@ def _one_call_sampler(noise: str, params: Any):
   offsets = np.cumsum([0, *sizes])
 
   def sample(key):
-    flat = noise_lib.sample_noise(key, jnp.zeros(offsets[-1]), noise)
+    flat = nso_jax.sample_noise(key, jnp.zeros(offsets[-1]), noise)
     parts = [
       flat[offsets[i] : offsets[i + 1]].reshape(jnp.shape(leaf))
       for i, leaf in enumerate(leaves)
@@ -62,15 +62,13 @@ def run(num_elements: int, repeats: int, size: str) -> dict[str, Any]:
     "flat/jax.random.normal": lambda k: jax.random.normal(k, (num_elements,)),
     "flat/jax.random.bits": lambda k: jax.random.bits(k, (num_elements,), jnp.uint32),
   }
-  for name in noise_lib.NOISE_NAMES:
-    samplers[f"flat/{name}"] = lambda k, name=name: noise_lib.sample_noise(
-      k, flat, name
-    )
+  for name in nso_jax.NOISE_NAMES:
+    samplers[f"flat/{name}"] = lambda k, name=name: nso_jax.sample_noise(k, flat, name)
   samplers["mlp_tree_per_leaf/jax.random.normal"] = lambda k: _per_leaf_jax_normal(
     k, params
   )
   for name in ("normal", "normal_fast"):
-    samplers[f"mlp_tree_per_leaf/{name}"] = lambda k, name=name: noise_lib.sample_noise(
+    samplers[f"mlp_tree_per_leaf/{name}"] = lambda k, name=name: nso_jax.sample_noise(
       k, params, name
     )
     samplers[f"mlp_tree_one_call/{name}"] = _one_call_sampler(name, params)

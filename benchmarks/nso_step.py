@@ -30,7 +30,7 @@ import optax
 import nso_jax
 from benchmarks import _common
 from benchmarks import models
-from nso_jax._src import estimator as estimator_lib
+from nso_jax import batching
 
 SIGMA = 0.01
 LEARNING_RATE = 0.01
@@ -211,16 +211,13 @@ def derived_ratios(
 
 
 def _default_name(convolutional: bool, k: int) -> str:
-  execution = nso_jax.default_execution(
-    convolutional=convolutional, num_perturbations=k
-  )
+  execution = batching.default_execution(convolutional=convolutional, size=k)
   return "map1" if execution == "map" else execution
 
 
 def is_convolutional(loss_fn: Any, params: Any, batch: Any) -> bool:
   """Whether the gradient computes convolutions (as ``execution="auto"`` sees)."""
-  jaxpr = jax.make_jaxpr(jax.grad(loss_fn))(params, batch).jaxpr
-  return estimator_lib.computes_convolutions(jaxpr)
+  return batching.computes_convolutions(jax.grad(loss_fn), params, batch)
 
 
 def run(
@@ -236,7 +233,7 @@ def run(
     "size": size,
     "machine": _common.machine_info(),
     "sigma": SIGMA,
-    "default_execution": nso_jax.default_execution(),
+    "default_execution": batching.default_execution(),
     "models": {},
   }
   for name in model_names:
