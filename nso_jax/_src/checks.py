@@ -62,6 +62,10 @@ def canonicalize_key(key: KeyLike, name: str = "key") -> jax.Array:
       )
     return key
   if isinstance(key, (int, np.integer)):
+    if not -(2**63) <= int(key) < 2**63:
+      raise ValueError(
+        f"`{name}` must be an int seed in [-2**63, 2**63), got {int(key)}."
+      )
     return jax.random.key(int(key))
   arr = jnp.asarray(key) if isinstance(key, (jax.Array, np.ndarray)) else None
   if arr is not None and arr.dtype == jnp.uint32 and arr.shape == (2,):

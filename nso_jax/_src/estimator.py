@@ -71,11 +71,22 @@ def _check_gradient_structure(grad_fn, params, has_value):
       "`grad_fn(params)` must return gradients with the structure of "
       f"`params`.{hint}\n  params: {params_struct}\n  gradients: {grads_struct}"
     )
-  for g, p in zip(jax.tree.leaves(grads_shape), jax.tree.leaves(params), strict=True):
+  for (path, g), p in zip(
+    jax.tree_util.tree_leaves_with_path(grads_shape),
+    jax.tree.leaves(params),
+    strict=True,
+  ):
+    where = jax.tree_util.keystr(path) or "(root)"
     if g.shape != jnp.shape(p):
       raise ValueError(
-        "`grad_fn(params)` returned a gradient of shape "
-        f"{g.shape} for a parameter of shape {jnp.shape(p)}."
+        f"`grad_fn(params)` returned a gradient of shape {g.shape} at {where} "
+        f"for a parameter of shape {jnp.shape(p)}."
+      )
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+      raise TypeError(
+        f"`grad_fn(params)` returned a gradient of dtype {g.dtype} at {where}; "
+        "gradients are averaged, so they must be floating point (an integer "
+        "mean would be truncated)."
       )
   return value_shape, grads_shape, jaxpr.jaxpr
 
@@ -192,6 +203,7 @@ def noise_stability_gradient(
   noise_lib.check_noise(noise)
   check_sigma(sigma)
   one_sided = checks.check_bool(one_sided, "one_sided")
+  has_value = checks.check_bool(has_value, "has_value")
   clean_weight = check_clean_weight(clean_weight)
   execution, chunk_size = batching.check_execution(execution, chunk_size)
   checks.check_float_tree(
@@ -212,6 +224,11 @@ def noise_stability_gradient(
     out = grad_fn(w)
     value, grads = out if has_value else (None, out)
     return _to_accumulator(value), _to_accumulator(grads)
+
+  if checks.is_traced(sigma):
+    # A run-time sigma is checked where it is used: an invalid one gives NaN,
+    # never a silently different step (a negative sigma would act as |sigma|).
+    sigma = jnp.where((sigma >= 0) & jnp.isfinite(sigma), sigma, jnp.nan)
 
   def pair_sum(index):
     z = noise_lib.sample_noise(jax.random.fold_in(key, index), params, noise)
@@ -239,6 +256,9 @@ def noise_stability_gradient(
       clean,
       grads,
     )
+    if checks.is_traced(lam):  # an invalid run-time weight gives NaN
+      valid = (lam >= 0) & (lam <= 1)
+      grads = jax.tree.map(lambda g: jnp.where(valid, g, jnp.nan), grads)
   grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grads_shape)
   if not has_value:
     return grads

@@ -19,7 +19,7 @@ ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
 class NoiseStabilityState(NamedTuple):
-  """State of :func:`noise_stability`.
+  r"""State of :func:`noise_stability`.
 
   Attributes:
     count: int32 number of updates taken; the argument of a ``sigma`` schedule.
@@ -27,11 +27,19 @@ class NoiseStabilityState(NamedTuple):
     value: float32 mean of the values ``grad_fn`` returned at the perturbed
       weights in the last update, an estimate of the smoothed loss
       ``E[L(W + U)]``; zero unless ``has_value=True``.
+    noise_resolution: float32 share of the last update's noise that the
+      parameters' dtype can hold, :math:`\lVert (W + U) - W \rVert^2 /
+      \lVert U \rVert^2` over the half-precision (float16, bfloat16)
+      leaves, for the first pair. Near 1, the perturbation is the one asked
+      for; well below 1, ``W + U`` rounds back towards ``W`` and NSO drifts
+      towards the plain gradient: raise ``sigma`` or keep float32 master
+      weights. Exactly 1 when no leaf is in half precision.
   """
 
   count: jax.Array
   key: jax.Array
   value: jax.Array
+  noise_resolution: jax.Array
 
 
 def noise_stability(
@@ -63,18 +71,28 @@ def noise_stability(
 
   ``update`` takes the gradient function as a keyword-only extra argument,
   ``tx.update(grads, state, params, grad_fn=grad_fn)``, and ignores other
-  extra arguments so the chain can carry them. The incoming ``grads`` are the
-  clean gradient at ``params``: they are used only when ``clean_weight > 0``
-  (then no extra evaluation is needed) and may be zeros otherwise.
+  extra arguments so the chain can carry them. The incoming ``grads`` are
+  read only when ``clean_weight > 0``, as the clean gradient at ``params``;
+  pass ``None`` (or zeros) otherwise. With ``clean_weight > 0``, incoming
+  ``grads`` that are ``None`` or all zeros are taken as missing and the clean
+  gradient is computed with ``grad_fn`` (one more evaluation), so a clean
+  weight never mixes in a gradient that was not computed.
 
   The PRNG key is split once per update and kept in the state, so the same
   key gives the same updates bit for bit, and a checkpointed state resumes
-  the same trajectory. Non-finite gradients are passed on unchanged (the key
-  and count still advance); to skip such steps, wrap the optimizer that
-  follows: ``optax.chain(noise_stability(...), optax.apply_if_finite(opt,
-  max_consecutive_errors=5))``. Likewise, for gradient accumulation put
-  ``optax.MultiSteps(opt, n).gradient_transformation()`` after this
-  transformation, so that each micro-batch's NSO gradient is accumulated.
+  the same trajectory.
+
+  Numerics: settings known when the transformation is built are checked then
+  (a schedule for ``sigma`` is checked at step 0). A value known only at run
+  time (a ``sigma`` or ``clean_weight`` injected by
+  ``optax.inject_hyperparams``, a schedule's later values) that is invalid
+  makes the update NaN, never a silently different one. Non-finite
+  gradients are passed on (the key and count still advance): to skip such
+  steps, wrap the optimizer that follows in :func:`nso_jax.skip_nonfinite`,
+  or pass ``skip_nonfinite=True`` to :func:`nso_jax.nso`. For gradient
+  accumulation put ``optax.MultiSteps(opt, n).gradient_transformation()``
+  after this transformation, so that each micro-batch's NSO gradient is
+  accumulated.
 
   Args:
     sigma: the noise standard deviation, a float >= 0 or a schedule mapping
@@ -88,7 +106,7 @@ def noise_stability(
       first two moments (see :func:`nso_jax.sample_noise`).
     one_sided: perturb with ``+U_j`` only (random weight perturbation).
     clean_weight: ``lam`` in [0, 1]; the update is ``lam * grads + (1 - lam)
-      * G``. The paper uses 0.
+      * G``, ``grads`` being the clean gradient. The paper uses 0.
     has_value: ``grad_fn`` returns ``(value, grads)`` with a scalar value, as
       :func:`jax.value_and_grad` does; its mean over the perturbed weights is
       kept in ``state.value`` for logging.
@@ -119,8 +137,8 @@ def noise_stability(
     >>> @jax.jit
     ... def step(params, state):
     ...   grad_fn = lambda p: jax.grad(loss)(p, x)
-    ...   grads = jax.tree.map(jnp.zeros_like, params)  # unused: clean_weight=0
-    ...   updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    ...   # No clean gradient is needed with clean_weight=0: pass None.
+    ...   updates, state = tx.update(None, state, params, grad_fn=grad_fn)
     ...   return optax.apply_updates(params, updates), state
     >>> for _ in range(20):
     ...   params, state = step(params, state)
@@ -134,7 +152,9 @@ def noise_stability(
     Hessian-based Regularization Approach <https://arxiv.org/abs/2306.08553>`_,
     TMLR 2024.
   """
-  if not callable(sigma):
+  if callable(sigma):
+    checks.check_scalar(sigma(jnp.zeros([], jnp.int32)), "sigma(0)", minimum=0.0)
+  else:
     estimator.check_sigma(sigma)
   num_perturbations = checks.check_positive_int(num_perturbations, "num_perturbations")
   noise_lib.check_noise(noise)
@@ -150,6 +170,7 @@ def noise_stability(
       count=jnp.zeros([], jnp.int32),
       key=key,
       value=jnp.zeros([], jnp.float32),
+      noise_resolution=jnp.ones([], jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
@@ -158,7 +179,9 @@ def noise_stability(
       raise ValueError(
         "noise_stability needs the gradient function: call "
         "`tx.update(grads, state, params, grad_fn=grad_fn)` with "
-        "`grad_fn(params) -> grads` (e.g. `lambda p: jax.grad(loss)(p, batch)`)."
+        "`grad_fn(params) -> grads` (e.g. `lambda p: jax.grad(loss)(p, batch)`). "
+        "Flax's own TrainState.apply_gradients does not pass `grad_fn` on: use "
+        "nso_jax.training.TrainState, or nnx.Optimizer.update(..., grad_fn=...)."
       )
     if params is None:
       raise ValueError(
@@ -167,6 +190,7 @@ def noise_stability(
       )
     step_key, next_key = jax.random.split(state.key)
     sigma_now = sigma(state.count) if callable(sigma) else sigma
+    clean = _clean_gradient(updates, params, grad_fn, clean_weight, has_value)
     out = estimator.noise_stability_gradient(
       grad_fn,
       params,
@@ -176,7 +200,7 @@ def noise_stability(
       noise=noise,
       one_sided=one_sided,
       clean_weight=clean_weight,
-      clean_gradient=updates,
+      clean_gradient=clean,
       has_value=has_value,
       execution=execution,
       chunk_size=chunk_size,
@@ -192,11 +216,60 @@ def noise_stability(
         )
       value = jnp.asarray(value, jnp.float32)
     new_state = NoiseStabilityState(
-      count=optax.safe_increment(state.count), key=next_key, value=value
+      count=optax.safe_increment(state.count),
+      key=next_key,
+      value=value,
+      noise_resolution=_noise_resolution(params, step_key, sigma_now, noise),
     )
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _clean_gradient(
+  updates: Any, params: Any, grad_fn: Any, clean_weight: Any, has_value: bool
+) -> Any:
+  """The clean gradient to mix in: the incoming one, or ``None`` to compute it.
+
+  Incoming gradients that are all zeros are taken as missing (a placeholder
+  such as ``train_step(clean_gradient=False)`` passes), and computed.
+  """
+  if updates is None or (not checks.is_traced(clean_weight) and clean_weight == 0):
+    return None
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+      "with clean_weight > 0, the gradient passed to `update` is the clean "
+      "gradient and must have the structure of `params`; got "
+      f"{jax.tree.structure(updates)} for {jax.tree.structure(params)}."
+    )
+
+  def compute() -> Any:
+    out = grad_fn(params)
+    return jax.tree.map(jnp.asarray, out[1] if has_value else out)
+
+  all_zero = jnp.all(jnp.stack([jnp.all(g == 0) for g in jax.tree.leaves(updates)]))
+  incoming = jax.tree.map(
+    lambda g, c: jnp.asarray(g, c.dtype), updates, jax.eval_shape(compute)
+  )
+  return jax.lax.cond(all_zero, compute, lambda: incoming)
+
+
+def _noise_resolution(params: Any, key: jax.Array, sigma: Any, noise: str) -> Any:
+  """``|(W + U) - W|^2 / |U|^2`` over half-precision leaves, for pair 0."""
+  half = [jnp.dtype(jnp.result_type(p)).itemsize < 4 for p in jax.tree.leaves(params)]
+  if not any(half):
+    return jnp.ones([], jnp.float32)
+  z = noise_lib.sample_noise(jax.random.fold_in(key, 0), params, noise)
+  held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
+  for is_half, w, zi in zip(
+    half, jax.tree.leaves(params), jax.tree.leaves(z), strict=True
+  ):
+    if is_half:
+      u = zi * jnp.asarray(sigma, zi.dtype)
+      moved = (w + u).astype(jnp.float32) - w.astype(jnp.float32)
+      held += jnp.sum(moved**2)
+      asked += jnp.sum(u.astype(jnp.float32) ** 2)
+  return jnp.where(asked > 0, held / jnp.where(asked > 0, asked, 1), 1.0)
 
 
 def nso(
