@@ -6,6 +6,7 @@ minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 * :func:`noise_stability` and :func:`nso`: the Optax transformation;
 * :func:`noise_stability_gradient`: the estimator itself, one call;
 * :func:`sample_noise`: the pytree noise sampler;
+* :func:`skip_nonfinite`: the policy for non-finite gradients;
 * :mod:`nso_jax.hessian`: curvature operators, trace estimators and spectra;
 * :mod:`nso_jax.batching`: how repeated evaluations (pairs, probes) run;
 * :mod:`nso_jax.training`: Flax Linen / NNX helpers and Orbax checkpoints.
@@ -17,6 +18,8 @@ from nso_jax._src.estimator import noise_stability_gradient
 from nso_jax._src.noise import NOISE_DISTRIBUTIONS
 from nso_jax._src.noise import NOISE_NAMES
 from nso_jax._src.noise import sample_noise
+from nso_jax._src.nonfinite import SkipNonfiniteState
+from nso_jax._src.nonfinite import skip_nonfinite
 from nso_jax._src.transform import NoiseStabilityState
 from nso_jax._src.transform import noise_stability
 from nso_jax._src.transform import nso
@@ -27,10 +30,12 @@ __all__ = [
   "NOISE_DISTRIBUTIONS",
   "NOISE_NAMES",
   "NoiseStabilityState",
+  "SkipNonfiniteState",
   "batching",
   "hessian",
   "noise_stability",
   "noise_stability_gradient",
   "nso",
   "sample_noise",
+  "skip_nonfinite",
 ]

@@ -140,7 +140,17 @@ def _plan_stacked(data: StackedBatches) -> DataPlan:
   return DataPlan(None, (_Group(data.data, weights),), total)
 
 
+def _looks_like_batches(data: Any) -> bool:
+  """Whether a tuple holds two or more containers of one structure: batches."""
+  if type(data) is not tuple or len(data) < 2:
+    return False
+  structures = {jax.tree.structure(part) for part in data}
+  first = jax.tree.structure(data[0])
+  return len(structures) == 1 and first.num_nodes > 1
+
+
 def make_plan(data: Any) -> DataPlan:
+  """Reads a data set: one batch, a list or iterator of batches, or stacked."""
   if isinstance(data, StackedBatches):
     return _plan_stacked(data)
   if _is_batch_sequence(data):
@@ -148,6 +158,13 @@ def make_plan(data: Any) -> DataPlan:
   if data is None:
     raise ValueError(
       "`data` is None; pass a batch, a list of batches or StackedBatches."
+    )
+  if _looks_like_batches(data):
+    raise ValueError(
+      f"`data` is a tuple of {len(data)} pytrees of one structure "
+      f"({jax.tree.structure(data[0])}): a tuple is read as one batch, and "
+      "the loss would receive the whole tuple. Pass several batches as a "
+      "list; pass one batch whose parts share a structure as a dict."
     )
   return DataPlan(data, (), 1.0)
 

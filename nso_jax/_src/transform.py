@@ -14,6 +14,7 @@ from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import estimator
 from nso_jax._src import noise as noise_lib
+from nso_jax._src import nonfinite
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -278,13 +279,17 @@ def nso(
   num_perturbations: int = 1,
   *,
   key: checks.KeyLike,
+  skip_nonfinite: bool = False,
   **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Bundles :func:`noise_stability` with a base optimizer.
 
   ``nso(opt, sigma, k, key=key)`` is ``optax.chain(noise_stability(sigma, k,
   key=key), opt)``: the base optimizer (and its weight decay) acts at the
-  unperturbed weights with the NSO gradient.
+  unperturbed weights with the NSO gradient. With ``skip_nonfinite=True`` the
+  base optimizer is wrapped in :func:`nso_jax.skip_nonfinite`: a step whose
+  NSO gradient is not finite changes neither the parameters nor the
+  optimizer's state.
 
   Args:
     optimizer: the base optimizer, e.g. ``optax.sgd(0.1, momentum=0.9)`` or
@@ -292,6 +297,7 @@ def nso(
     sigma: the noise standard deviation or its schedule.
     num_perturbations: ``k``, the number of noise pairs per update.
     key: an int seed or a PRNG key.
+    skip_nonfinite: skip (and count) steps whose gradient is not finite.
     **kwargs: further options of :func:`noise_stability`.
 
   Returns:
@@ -306,6 +312,8 @@ def nso(
     >>> type(state[0]).__name__
     'NoiseStabilityState'
   """
+  if checks.check_bool(skip_nonfinite, "skip_nonfinite"):
+    optimizer = nonfinite.skip_nonfinite(optimizer)
   return optax.chain(
     noise_stability(sigma, num_perturbations, key=key, **kwargs), optimizer
   )
