@@ -1,6 +1,11 @@
 """Shared pytest configuration."""
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw 20 examples in the default run, 200 with --full-scale.
+settings.register_profile("default_scale", max_examples=20)
+settings.register_profile("full_scale", max_examples=200)
 
 
 def pytest_addoption(parser):
@@ -10,6 +15,11 @@ def pytest_addoption(parser):
     default=False,
     help="run tests marked `slow` at their full statistical size",
   )
+
+
+def pytest_configure(config):
+  full = config.getoption("--full-scale")
+  settings.load_profile("full_scale" if full else "default_scale")
 
 
 @pytest.fixture

@@ -123,6 +123,21 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTr
   return jax.jvp(gradient, (params,), (tangent,))[1]
 
 
+def _shape_on_data(fn: Callable[..., Any], name: str, first: Any, batch: PyTree) -> Any:
+  """``jax.eval_shape(fn, first, batch)``, naming ``data`` if ``fn`` fails on it."""
+  try:
+    return jax.eval_shape(fn, first, batch)
+  except (TypeError, ValueError, IndexError, KeyError) as error:
+    shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), batch
+    )
+    raise ValueError(
+      f"`{name}` failed on the first batch of `data` ({shapes}): {error}. Check "
+      "that `data` holds batches with a leading example axis, as the function "
+      "expects."
+    ) from error
+
+
 def _check_scalar_loss(value: Any, name: str) -> None:
   shape = getattr(value, "shape", None)
   dtype = getattr(value, "dtype", None)
@@ -191,7 +206,8 @@ def hessian_operator(
   plan = data_plans.make_plan(data)
   restricted_loss = lambda sub, batch: loss_fn(merge(sub), batch)
   _check_scalar_loss(
-    jax.eval_shape(restricted_loss, selected, plan.first_batch()), "loss_fn"
+    _shape_on_data(restricted_loss, "loss_fn", selected, plan.first_batch()),
+    "loss_fn",
   )
 
   def matvec(v: PyTree) -> PyTree:
@@ -255,8 +271,8 @@ def ggn_operator(
     return jnp.mean(per_example_loss(outputs, batch))
 
   first = plan.first_batch()
-  outputs = jax.eval_shape(restricted_model, selected, first)
-  losses = jax.eval_shape(per_example_loss, outputs, first)
+  outputs = _shape_on_data(restricted_model, "model_fn", selected, first)
+  losses = _shape_on_data(per_example_loss, "per_example_loss", outputs, first)
   shape = getattr(losses, "shape", None)
   if shape is None or len(shape) > 1:
     raise ValueError(
