@@ -1,7 +1,9 @@
 """Flax training helpers for noise stability optimisation (needs ``flax``).
 
 Linen: :class:`TrainState` and :func:`train_step`; NNX: :func:`nnx_grad_fn`;
-checkpoints with Orbax: :func:`save_checkpoint`, :func:`restore_checkpoint`.
+checkpoints with Orbax: :func:`save_checkpoint` (atomic: a failed save keeps
+the previous checkpoint) and :func:`restore_checkpoint` (verified: a damaged
+checkpoint or a mismatched target is a clear error).
 """
 
 from nso_jax._src.training import TrainState

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training import train_state
 
 import nso_jax
 from nso_jax import training
@@ -159,6 +160,110 @@ def test_train_step_works_with_transformations_without_extra_args():
   loss_fn = _linen_loss_fn(state.apply_fn, x, y, jax.random.key(0))
   new_state, _ = training.train_step(state, loss_fn)
   assert int(new_state.step) == 1
+
+
+def _dense_state(tx):
+  model = nn.Dense(1)
+  x = jnp.ones((4, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  state = training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  outputs = lambda p: model.apply({"params": p}, x)[:, 0]
+  return state, outputs
+
+
+_BAD_LOSS_FNS = {
+  "a bare scalar": (
+    lambda out: jnp.mean(out**2),
+    TypeError,
+    r"must return a pair \(loss, aux\).*it returned an array of shape \(\) and "
+    r"dtype float32\. Return \(loss, \{\}\)",
+  ),
+  "a triple": (
+    lambda out: (jnp.mean(out**2), {}, 1),
+    TypeError,
+    r"must return a pair \(loss, aux\).*it returned a tuple of 3 items",
+  ),
+  "None as aux": (
+    lambda out: (jnp.mean(out**2), None),
+    TypeError,
+    r"`aux`, the second item returned by `loss_fn`, must be a dict.*it is None",
+  ),
+  "a non-scalar loss": (
+    lambda out: (out**2, {}),
+    ValueError,
+    r"loss returned by `loss_fn` must be a scalar; it is an array of shape "
+    r"\(4,\).*jnp\.mean",
+  ),
+  "an integer loss": (
+    lambda out: (jnp.sum(out > 0), {}),
+    TypeError,
+    r"must be floating point.*dtype int32",
+  ),
+  "a string loss": (
+    lambda out: ("loss", {}),
+    TypeError,
+    r"must be a scalar float array; it is a str",
+  ),
+}
+
+
+@pytest.mark.parametrize("clean_gradient", [True, False])
+@pytest.mark.parametrize("case", sorted(_BAD_LOSS_FNS))
+def test_train_step_says_what_loss_fn_returned(case, clean_gradient):
+  make_output, error, message = _BAD_LOSS_FNS[case]
+  state, outputs = _dense_state(_nso(sigma=0.01))
+  loss_fn = lambda params, batch_stats: make_output(outputs(params))
+  with pytest.raises(error, match=message):
+    training.train_step(state, loss_fn, clean_gradient=clean_gradient)
+  with pytest.raises(error, match=message):
+    jax.jit(lambda s: training.train_step(s, loss_fn, clean_gradient=clean_gradient))(
+      state
+    )
+
+
+def test_train_step_accepts_a_list_pair_and_a_python_float_loss():
+  state, outputs = _dense_state(optax.sgd(0.1))
+  new_state, metrics = training.train_step(
+    state, lambda params, batch_stats: [jnp.mean(outputs(params) ** 2), {"n": 4}]
+  )
+  assert int(new_state.step) == 1 and metrics["n"] == 4
+  _, metrics = training.train_step(
+    state, lambda params, batch_stats: (1.5, {}), clean_gradient=False
+  )
+  assert metrics == {"loss": 1.5}
+
+
+def test_train_step_needs_the_nso_jax_train_state():
+  state, outputs = _dense_state(optax.sgd(0.1))
+  flax_state = train_state.TrainState.create(
+    apply_fn=state.apply_fn, params=state.params, tx=state.tx
+  )
+  loss_fn = lambda params, batch_stats: (jnp.mean(outputs(params) ** 2), {})
+  with pytest.raises(
+    TypeError,
+    match=r"must be an nso_jax\.training\.TrainState.*"
+    r"got flax\.training\.train_state\.TrainState",
+  ):
+    training.train_step(flax_state, loss_fn)
+  with pytest.raises(ValueError, match="`clean_gradient` must be True or False"):
+    training.train_step(state, loss_fn, clean_gradient="no")
+
+
+def test_flax_train_state_drops_grad_fn_and_the_error_points_here():
+  # Flax's own apply_gradients calls tx.update(grads, opt_state, params) with
+  # no extra arguments and hands any other keyword to `replace`.
+  state, outputs = _dense_state(_nso(sigma=0.01))
+  grad_fn = jax.grad(lambda params: jnp.mean(outputs(params) ** 2))
+  grads = grad_fn(state.params)
+  flax_nso = train_state.TrainState.create(
+    apply_fn=state.apply_fn, params=state.params, tx=state.tx
+  )
+  with pytest.raises(ValueError, match=r"nso_jax\.training\.TrainState"):
+    flax_nso.apply_gradients(grads=grads, grad_fn=grad_fn)
+  flax_sgd = flax_nso.replace(tx=optax.sgd(0.1), opt_state=optax.sgd(0.1).init(grads))
+  with pytest.raises(TypeError, match="unexpected keyword argument 'grad_fn'"):
+    flax_sgd.apply_gradients(grads=grads, grad_fn=grad_fn)
+  assert int(state.apply_gradients(grads=grads, grad_fn=grad_fn).step) == 1
 
 
 def test_linen_checkpoint_resume_follows_the_same_trajectory(tmp_path):
