@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from jax_compat import enable_x64
 
 import nso_jax
 from nso_jax._src import noise as noise_lib
@@ -64,7 +65,7 @@ def test_normal_fast_uses_both_halves_of_each_word():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float64])
 def test_normal_in_low_and_high_precision(dtype):
-  with jax.enable_x64(dtype == jnp.float64):
+  with enable_x64(dtype == jnp.float64):
     z = nso_jax.sample_noise(jax.random.key(5), jnp.zeros(100_000, dtype), "normal")
     assert z.dtype == dtype
   x = np.asarray(z, np.float64)

@@ -3,7 +3,8 @@
 Each entry holds five float32 values, as bit patterns, spread over one
 result's flattened leaves. They were recorded with JAX 0.10.2 on CPU and
 are compared bit for bit under that version; under another JAX version,
-whose XLA may fuse or order operations differently, to a relative 1e-4.
+whose XLA may fuse or order operations differently, to a relative 1e-4; and
+skipped where JAX draws other random bits for the same key (before JAX 0.5).
 """
 
 import hessian_testing as ht
@@ -88,6 +89,14 @@ def assert_pinned(name: str, tree) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
   else:
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def same_random_bits():
+  # Before JAX 0.5 `jax_threefry_partitionable` was off by default, and a key
+  # split or folded in gives other bits: the pins cannot hold there.
+  if not jax.config.jax_threefry_partitionable:
+    pytest.skip("pins recorded with jax_threefry_partitionable=True (JAX >= 0.5)")
 
 
 @pytest.mark.parametrize("noise", NOISES)

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from jax_compat import enable_x64
 
 import nso_jax
 
@@ -98,7 +99,7 @@ def ulp(values, dtype):
   options=st.sampled_from(EXECUTIONS),
 )
 def test_estimator_properties(spec, seed, k, sigma, noise, options):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     params = build_params(spec, seed)
     key = jax.random.key(seed)
     got = estimate(params, key, sigma, k, noise, options)
@@ -129,7 +130,7 @@ def test_estimator_properties(spec, seed, k, sigma, noise, options):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ulp_helper(dtype):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     one = jnp.asarray(1.0, dtype)
     step = float(jnp.nextafter(one, jnp.asarray(2.0, dtype))) - 1.0
   assert math.isclose(float(ulp(1.0, dtype)), step)

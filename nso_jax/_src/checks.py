@@ -188,10 +188,17 @@ def check_float_tree(tree: PyTree, name: str, purpose: str) -> list[Any]:
   if not leaves_with_path:
     raise ValueError(f"`{name}` is an empty pytree: it needs at least one array.")
   for path, leaf in leaves_with_path:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    where = jax.tree_util.keystr(path) or "(root)"
+    try:
+      dtype = jnp.result_type(leaf)
+    except TypeError:
+      kind = f"{type(leaf).__module__}.{type(leaf).__qualname__}"
       raise TypeError(
-        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
-        f"{dtype}; {purpose}."
-      )
+        f"`{name}` leaf {where} is a {kind}, not an array; {purpose}. Pass "
+        "the arrays only: for an Equinox module, "
+        "`eqx.filter(model, eqx.is_inexact_array)`, in which the other fields "
+        "are None."
+      ) from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"`{name}` leaf {where} has dtype {dtype}; {purpose}.")
   return [leaf for _, leaf in leaves_with_path]

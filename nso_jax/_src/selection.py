@@ -17,7 +17,9 @@ def _selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
   leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
   if param_filter is None:
     return [True] * len(leaves_with_path)
-  if callable(param_filter):
+  # A function is a pytree leaf; a callable pytree node (an Equinox module of
+  # bools, such as a filter spec) is a pytree of flags.
+  if callable(param_filter) and jax.tree_util.all_leaves([param_filter]):
     mask = [param_filter(path, leaf) for path, leaf in leaves_with_path]
   else:
     try:
