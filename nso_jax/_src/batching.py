@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ MAX_AUTO_UNROLLED = 8
 
 def default_execution(
   backend: str | None = None, *, convolutional: bool = False, size: int = 1
-) -> str:
+) -> Execution:
   """Returns the strategy ``execution="auto"`` resolves to on ``backend``.
 
   Accelerators run all evaluations as one batched computation (``"vmap"``).
@@ -110,9 +111,9 @@ def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
   return jaxpr_convolves(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def check_execution(execution: Any, chunk_size: Any) -> tuple[str, int | None]:
+def check_execution(execution: Any, chunk_size: Any) -> tuple[Execution, int | None]:
   """Validates an execution strategy and its chunk size."""
-  checks.check_choice(execution, EXECUTIONS, "execution")
+  execution = cast(Execution, checks.check_choice(execution, EXECUTIONS, "execution"))
   if chunk_size is not None:
     chunk_size = checks.check_positive_int(chunk_size, "chunk_size")
     if execution != "map":
@@ -125,14 +126,14 @@ def check_execution(execution: Any, chunk_size: Any) -> tuple[str, int | None]:
 
 def resolve_execution(
   execution: str, size: int, fn: Callable[[jax.Array], Any] | None = None
-) -> str:
+) -> Execution:
   """``execution``, with ``"auto"`` resolved by :func:`default_execution`.
 
   ``fn``, a function of one index, is traced to find out whether it convolves;
   without it, it is taken not to.
   """
   if execution != "auto":
-    return execution
+    return cast(Execution, execution)
   convolutional = fn is not None and computes_convolutions(fn, jnp.int32(0))
   return default_execution(convolutional=convolutional, size=size)
 

@@ -168,6 +168,12 @@ def check_scalar(
   return value
 
 
+def same_structure(a: PyTree, b: PyTree) -> bool:
+  """Whether two pytrees have the same structure (node types and keys)."""
+  # jaxlib's PyTreeDef has no type stub: its comparison is untyped.
+  return bool(jax.tree.structure(a) == jax.tree.structure(b))  # type: ignore[operator]
+
+
 def check_float_tree(tree: PyTree, name: str, purpose: str) -> list[Any]:
   """Returns the leaves of ``tree``; raises if it has none or one is not float.
 

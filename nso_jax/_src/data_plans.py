@@ -83,7 +83,7 @@ def _plan_list(batches: list[PyTree]) -> DataPlan:
   sizes = []
   for index, batch in enumerate(batches):
     structure = jax.tree.structure(batch)
-    if structure != first_structure:
+    if not checks.same_structure(batch, batches[0]):
       raise ValueError(
         f"`data[{index}]` has structure {structure}, expected {first_structure} "
         "like `data[0]`. (A list is read as a sequence of batches; pass a "
@@ -118,8 +118,10 @@ def _plan_stacked(data: StackedBatches) -> DataPlan:
       f"batch axis, got leading sizes {sorted(map(str, num_batches))}."
     )
   (num,) = num_batches
+  assert num is not None
   if num < 1:
     raise ValueError("`data` (StackedBatches) holds no batch.")
+  total: Any
   if data.weights is None:
     weights = jnp.ones((num,))
     total = float(num)
@@ -145,8 +147,7 @@ def _looks_like_batches(data: Any) -> bool:
   if type(data) is not tuple or len(data) < 2:
     return False
   structures = {jax.tree.structure(part) for part in data}
-  first = jax.tree.structure(data[0])
-  return len(structures) == 1 and first.num_nodes > 1
+  return len(structures) == 1 and not jax.tree_util.all_leaves([data[0]])
 
 
 def make_plan(data: Any) -> DataPlan:

@@ -90,14 +90,27 @@ def trace(
   operator = operators.hessian_operator(
     loss_fn, params, data, param_filter=param_filter
   )
-  options = dict(
-    num_matvecs=num_matvecs, probe=probe, execution=execution, chunk_size=chunk_size
-  )
   if method == "hutchinson":
-    return stochastic_trace.hutchinson(*operator, key, rtol=rtol, **options)
-  if method == "hutch++":
-    return stochastic_trace.hutch_pp(*operator, key, **options)
-  return stochastic_trace.xtrace(*operator, key, **options)
+    return stochastic_trace.hutchinson(
+      *operator,
+      key,
+      num_matvecs=num_matvecs,
+      probe=probe,
+      rtol=rtol,
+      execution=execution,
+      chunk_size=chunk_size,
+    )
+  estimator = (
+    stochastic_trace.hutch_pp if method == "hutch++" else stochastic_trace.xtrace
+  )
+  return estimator(
+    *operator,
+    key,
+    num_matvecs=num_matvecs,
+    probe=probe,
+    execution=execution,
+    chunk_size=chunk_size,
+  )
 
 
 def eigenvalues(

@@ -221,6 +221,7 @@ def sample_noise(
     >>> z["w"].shape, bool(jnp.all(jnp.abs(z["w"]) == 1))
     ((2, 3), True)
   """
+  shape_of: Callable[[Any], tuple[int, ...]]
   if callable(noise):
     sampler, shape_of = noise, jnp.shape
   else:

@@ -141,7 +141,7 @@ def _shape_on_data(fn: Callable[..., Any], name: str, first: Any, batch: PyTree)
 def _check_scalar_loss(value: Any, name: str) -> None:
   shape = getattr(value, "shape", None)
   dtype = getattr(value, "dtype", None)
-  if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+  if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f"`{name}` must return a float scalar (the mean loss over the batch), "
       f"got {jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), value)}."

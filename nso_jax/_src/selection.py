@@ -57,14 +57,15 @@ def select(
   mask = _selection_mask(params, param_filter)
   if all(mask):
     return params, lambda selected: selected
-  selected = treedef.unflatten(
-    [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
+  selected = jax.tree.unflatten(
+    treedef, [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
   )
 
   def merge(selected: PyTree) -> PyTree:
     chosen = iter(jax.tree.leaves(selected))
-    return treedef.unflatten(
-      [next(chosen) if keep else leaf for leaf, keep in zip(leaves, mask, strict=True)]
+    return jax.tree.unflatten(
+      treedef,
+      [next(chosen) if keep else leaf for leaf, keep in zip(leaves, mask, strict=True)],
     )
 
   return selected, merge

@@ -70,7 +70,7 @@ def _check_template(template: PyTree) -> None:
 
 def resolve_probe_execution(
   execution: str, chunk_size: int | None, num: int, matvec: Matvec, template: PyTree
-) -> str:
+) -> batching.Execution:
   """Checks ``execution`` and resolves ``"auto"`` for ``num`` products."""
   execution, chunk_size = batching.check_execution(execution, chunk_size)
   zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), template)
@@ -247,7 +247,7 @@ def _hutchinson_early_stop(
 def _apply_to_rows(
   operator: operators.FlatOperator,
   rows: jax.Array,
-  execution: str,
+  execution: batching.Execution,
   chunk_size: int | None,
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""

@@ -156,7 +156,7 @@ def _check_loss_output(output: Any) -> tuple[Any, Mapping[str, Any]]:
       f"{_describe(aux)}. Return (loss, {{}}) when there is nothing else to "
       "report."
     )
-  return output
+  return loss, aux
 
 
 def train_step(
@@ -303,7 +303,7 @@ def nnx_grad_fn(
     >>> int(optimizer.step[...])
     1
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, _, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   # A snapshot of the arrays: the split state refers to the model's variables,
   # which the clean pass then updates in place.
   rest = nnx.as_pure(rest)

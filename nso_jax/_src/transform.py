@@ -37,7 +37,7 @@ class NoiseStabilityState(NamedTuple):
       weights. Exactly 1 when no leaf is in half precision.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   key: jax.Array
   value: jax.Array
   noise_resolution: jax.Array
@@ -237,7 +237,7 @@ def _clean_gradient(
   """
   if updates is None or (not checks.is_traced(clean_weight) and clean_weight == 0):
     return None
-  if jax.tree.structure(updates) != jax.tree.structure(params):
+  if not checks.same_structure(updates, params):
     raise ValueError(
       "with clean_weight > 0, the gradient passed to `update` is the clean "
       "gradient and must have the structure of `params`; got "
@@ -255,7 +255,9 @@ def _clean_gradient(
   return jax.lax.cond(all_zero, compute, lambda: incoming)
 
 
-def _noise_resolution(params: Any, key: jax.Array, sigma: Any, noise: str) -> Any:
+def _noise_resolution(
+  params: Any, key: jax.Array, sigma: Any, noise: noise_lib.NoiseName
+) -> Any:
   """``|(W + U) - W|^2 / |U|^2`` over half-precision leaves, for pair 0."""
   half = [jnp.dtype(jnp.result_type(p)).itemsize < 4 for p in jax.tree.leaves(params)]
   if not any(half):
