@@ -2,14 +2,21 @@
 
 import ast
 import dataclasses
+import errno
 import json
 import os
 import pathlib
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,6 +24,7 @@ import nso_jax
 from nso_jax.app import cli
 from nso_jax.app import data
 from nso_jax.app import job
+from nso_jax.app import report
 
 TINY = [
   "train",
@@ -28,7 +36,31 @@ TINY = [
   "--no-progress",
 ]
 
+FAST = [
+  "train",
+  "--epochs=1",
+  "--seeds=1",
+  "--hidden=4",
+  "--hessian-matvecs=2",
+  "--hessian-samples=20",
+  "--optimizers=sgd",
+  "--no-plots",
+  "--no-progress",
+]
+"""The smallest job: one optimizer, one epoch, no plots."""
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+  """Fails the test if the job starts to train or compile: refusals come first."""
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("the job started training before refusing its settings")
+
+  monkeypatch.setattr(job, "train_optimizer", forbidden)
+  monkeypatch.setattr(job, "make_curvature_measure", forbidden)
 
 
 def _check_png(path):
@@ -67,6 +99,7 @@ def test_train_writes_results_and_plots(tmp_path, capsys):
     assert len(row["curves"]["test_accuracy"][0]) == 1
   for name in ("curves.png", "spectrum.png"):
     _check_png(out / name)
+  assert sorted(os.listdir(out)) == ["curves.png", "results.json", "spectrum.png"]
 
 
 def test_train_on_user_data_with_chosen_optimizers(tmp_path):
@@ -88,7 +121,7 @@ def test_train_on_user_data_with_chosen_optimizers(tmp_path):
   ("arrays", "message"),
   [
     (None, "no such file"),
-    ("garbage", "not a readable .npz"),
+    ("garbage", r"is not an \.npz archive \(the zip of arrays numpy\.savez writes\)"),
     (
       {"features": np.ones((10, 2)), "y": np.arange(10) % 2},
       r"lacks the array\(s\) \['X'\]",
@@ -98,14 +131,53 @@ def test_train_on_user_data_with_chosen_optimizers(tmp_path):
     ({"X": np.full((10, 2), np.nan), "y": np.arange(10) % 2}, "NaN or infinite"),
     ({"X": np.ones((10, 2)), "y": np.zeros(10)}, "at least two classes"),
     ({"X": np.ones((10, 2)), "y": np.linspace(0, 1, 10)}, "non-integer floats"),
+    ("folder", "is a folder, not an .npz file"),
+    ("npy", r"is not an \.npz archive .*numpy\.savez\(path, X=features"),
+    ("raw zip", r"holds \['X', 'y'\] as raw bytes, not as \.npy arrays"),
+    ("truncated", r"is not an \.npz archive"),
+    ("corrupted", r"is not a readable \.npz archive \(Bad CRC-32"),
+    ({"X": np.ones((10, 2)) * 1j, "y": np.arange(10) % 2}, "dtype complex128"),
+    (
+      {"X": np.ones((10, 2), dtype="timedelta64[s]"), "y": np.arange(10) % 2},
+      "dtype timedelta64",
+    ),
+    ({"X": np.ones((10, 0)), "y": np.arange(10) % 2}, "X has no feature columns"),
+    (
+      {"X": np.full((10, 2), 1e308), "y": np.arange(10) % 2},
+      "too large to standardise",
+    ),
+    (
+      {"X": np.array([[1], [2]], dtype=object), "y": np.arange(2)},
+      "Object arrays cannot be loaded",
+    ),
   ],
 )
-def test_bad_data_files_give_clear_errors(tmp_path, capsys, arrays, message):
+def test_bad_data_files_give_clear_errors(
+  tmp_path, capsys, no_training, arrays, message
+):
   path = tmp_path / "data.npz"
+  good = {"X": np.arange(40.0).reshape(20, 2), "y": np.arange(20) % 2}
   if isinstance(arrays, dict):
     np.savez(path, **arrays)
   elif arrays == "garbage":
     path.write_text("not an archive")
+  elif arrays == "folder":
+    path.mkdir()
+  elif arrays == "npy":
+    np.save(tmp_path / "data.npy", good["X"])
+    (tmp_path / "data.npy").rename(path)
+  elif arrays == "raw zip":
+    with zipfile.ZipFile(path, "w") as archive:
+      archive.writestr("X", "1,2\n3,4")
+      archive.writestr("y", "0\n1")
+  elif arrays in ("truncated", "corrupted"):
+    np.savez(path, **good)
+    content = bytearray(path.read_bytes())
+    if arrays == "truncated":
+      content = content[:100]
+    else:
+      content[150] ^= 0xFF  # a byte of X's stored data
+    path.write_bytes(bytes(content))
   assert cli.main([*TINY, f"--data={path}", f"--out={tmp_path / 'out'}"]) == 2
   error = capsys.readouterr().err
   assert error.startswith("nso-jax: error: --data: ")
@@ -122,11 +194,329 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, arrays, message):
     (["--k=0"], "--k must be an int >= 1, got 0."),
     (["--test-fraction=1.5"], "--test-fraction must be in (0, 1), got 1.5."),
     (["--batch-size=5000"], "--batch-size 5000 exceeds the 1257 training examples."),
+    (["--lr=nan"], "--lr must be a finite float > 0, got nan."),
+    (["--sigma=inf"], "--sigma must be a finite float > 0, got inf."),
+    (["--sigma=-inf"], "--sigma must be a finite float > 0, got -inf."),
+    (["--rho=nan"], "--rho must be a finite float > 0, got nan."),
+    (["--momentum=nan"], "--momentum must be in [0, 1), got nan."),
+    (["--weight-decay=nan"], "--weight-decay must be a finite float >= 0, got nan."),
+    (["--weight-decay=inf"], "--weight-decay must be a finite float >= 0, got inf."),
+    (["--test-fraction=nan"], "--test-fraction must be in (0, 1), got nan."),
+    (["--lr=1e999"], "--lr must be a finite float > 0, got inf."),
+    (
+      ["--data="],
+      "--data must name an .npz file (or be left out for the digits), got ''.",
+    ),
+    (["--out="], "--out must name a folder, got ''."),
   ],
 )
-def test_bad_settings_give_clear_errors(tmp_path, capsys, argv, message):
-  assert cli.main([*TINY, *argv, f"--out={tmp_path}"]) == 2
+def test_bad_settings_give_clear_errors(tmp_path, capsys, no_training, argv, message):
+  # The flags come after --out, which the last case overrides.
+  assert cli.main([*TINY, f"--out={tmp_path}", *argv]) == 2
   assert capsys.readouterr().err == f"nso-jax: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (
+      ["--epochs=10001"],
+      "--epochs must be at most 10,000 (250 times the default; at the default "
+      "size that is hours of training), got 10001.",
+    ),
+    (
+      ["--seeds=65"],
+      "--seeds must be at most 64 (all seeds train at once, each with its own "
+      "copy of the model), got 65.",
+    ),
+    (
+      ["--k=65"],
+      "--k must be at most 64 (NSO spends 2 gradient evaluations per "
+      "perturbation), got 65.",
+    ),
+    (
+      ["--batch-size=100001"],
+      "--batch-size must be at most 100,000 (a batch's activations are held "
+      "for every seed at once), got 100001.",
+    ),
+    (
+      ["--hessian-matvecs=10001"],
+      "--hessian-matvecs must be at most 10,000 (100 times the default; the "
+      "trace's error shrinks only as 1/sqrt(probes)), got 10001.",
+    ),
+    (
+      ["--hessian-samples=100001"],
+      "--hessian-samples must be at most 100,000 (100 times the default; the "
+      "Hessian is applied to all of them at once), got 100001.",
+    ),
+    (
+      ["--epochs=" + "9" * 30],
+      "--epochs must be at most 10,000 (250 times the default; at the default "
+      f"size that is hours of training), got {'9' * 30}.",
+    ),
+    (
+      ["--hidden=8193"],
+      "--hidden must list layer widths of at most 8,192, got (8193,).",
+    ),
+    (
+      ["--hidden=" + ",".join(["4"] * 33)],
+      "--hidden must list at most 32 layers (each is compiled on its own), got 33.",
+    ),
+    (
+      ["--hidden=8192,8192"],
+      "--hidden 8192,8192 gives a model of 67,731,466 parameters on 64 "
+      "features and 10 classes; at most 20,000,000 are allowed (the Hessian "
+      "measurement keeps dozens of parameter-sized vectors); use narrower "
+      "layers.",
+    ),
+    (
+      ["--hidden=4096,4096", "--seeds=64"],
+      "--seeds 64 would train 64 models of 17,088,522 parameters at once; at "
+      "most 200,000,000 parameters in all are allowed; use fewer seeds or a "
+      "smaller model.",
+    ),
+  ],
+)
+def test_absurd_sizes_are_refused_before_training(
+  tmp_path, capsys, no_training, argv, message
+):
+  out = tmp_path / "out"
+  assert cli.main([*TINY, *argv, f"--out={out}"]) == 2
+  assert capsys.readouterr().err == f"nso-jax: error: {message}\n"
+  assert not out.exists()
+
+
+def test_sizes_at_their_bounds_are_accepted():
+  limits = {name: limit for name, (limit, _) in job.SIZE_LIMITS.items()}
+  config = job.Config(**limits, hidden=(job.MAX_WIDTH,) * job.MAX_DEPTH)
+  assert config.seeds == 64 and config.epochs == 10_000
+  assert config.num_perturbations == 64 and config.hessian_matvecs == 10_000
+  assert job.parameter_count((job.MAX_WIDTH,), 64, 10) < job.MAX_PARAMETERS
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys, no_training):
+  path = tmp_path / "results"
+  path.write_text("keep me")
+  assert cli.main([*FAST, f"--out={path}"]) == 2
+  assert capsys.readouterr().err == (
+    f"nso-jax: error: --out: {str(path)!r} exists and is not a folder; choose "
+    "another path, or move the file away.\n"
+  )
+  assert path.read_text() == "keep me"
+
+
+def test_out_under_a_file_is_refused_before_training(tmp_path, capsys, no_training):
+  # Fails even for root, who ignores permissions.
+  (tmp_path / "file").write_text("")
+  path = tmp_path / "file" / "run"
+  assert cli.main([*FAST, f"--out={path}"]) == 2
+  assert capsys.readouterr().err == (
+    f"nso-jax: error: --out: cannot create the folder {str(path)!r} (Not a "
+    "directory: part of the path is a file, not a folder); choose a path where "
+    "you can create folders.\n"
+  )
+
+
+@pytest.mark.skipif(
+  not hasattr(os, "geteuid") or os.geteuid() == 0,
+  reason="root ignores folder permissions",
+)
+@pytest.mark.parametrize(
+  ("subfolder", "message"),
+  [
+    ("", "cannot write files in the folder {path!r} (Permission denied); "),
+    ("run", "cannot create the folder {path!r} (Permission denied); "),
+  ],
+)
+def test_out_in_a_read_only_folder_is_refused_before_training(
+  tmp_path, capsys, no_training, subfolder, message
+):
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  read_only.chmod(0o555)
+  path = str(read_only / subfolder) if subfolder else str(read_only)
+  try:
+    assert cli.main([*FAST, f"--out={path}"]) == 2
+  finally:
+    read_only.chmod(0o755)
+  error = capsys.readouterr().err
+  assert error.startswith("nso-jax: error: --out: " + message.format(path=path))
+  assert error.count("\n") == 1
+  assert os.listdir(read_only) == []
+
+
+@pytest.fixture(scope="module")
+def compiled_measures():
+  return {}
+
+
+@pytest.fixture
+def reuse_compiled_measure(monkeypatch, compiled_measures):
+  """Compiles the curvature measure once for the tests of what comes after it."""
+  make = job.make_curvature_measure
+
+  def cached(data, config):
+    key = (data.name, dataclasses.replace(config, output=".", plots=False))
+    if key not in compiled_measures:
+      compiled_measures[key] = make(data, config)
+    return compiled_measures[key]
+
+  monkeypatch.setattr(job, "make_curvature_measure", cached)
+
+
+def _failing_dump(exception):
+  def dump(results, file, **kwargs):
+    file.write('{"config": {"epochs": 1,')
+    raise exception
+
+  return dump
+
+
+@pytest.mark.parametrize(
+  ("exception", "status", "message"),
+  [
+    (
+      OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+      2,
+      "nso-jax: error: --out: cannot write the results into {out!r} (No space "
+      "left on device); results.json was not written; check the folder's free "
+      "space and permissions, or choose another.\n",
+    ),
+    (KeyboardInterrupt(), 130, "nso-jax: interrupted; no results were written\n"),
+  ],
+)
+def test_failed_write_leaves_no_partial_results(
+  tmp_path, capsys, monkeypatch, reuse_compiled_measure, exception, status, message
+):
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "results.json").write_text('{"from": "an earlier run"}')
+  monkeypatch.setattr(report.json, "dump", _failing_dump(exception))
+  argv = [*FAST, f"--out={out}"]
+  argv.remove("--no-plots")
+  assert cli.main(argv) == status
+  assert capsys.readouterr().err == message.format(out=str(out))
+  # The earlier run's results stand; no plot, no temporary file was left.
+  assert os.listdir(out) == ["results.json"]
+  assert json.loads((out / "results.json").read_text()) == {"from": "an earlier run"}
+
+
+def test_a_bug_while_writing_keeps_its_traceback_and_leaves_no_file(
+  tmp_path, monkeypatch, reuse_compiled_measure
+):
+  out = tmp_path / "run"
+  monkeypatch.setattr(report.json, "dump", _failing_dump(RuntimeError("bug")))
+  with pytest.raises(RuntimeError, match="bug"):
+    cli.main([*FAST, f"--out={out}"])
+  assert os.listdir(out) == []
+
+
+def test_interruption_after_writing_says_what_was_written(
+  tmp_path, reuse_compiled_measure
+):
+  def printer(line):
+    if line.startswith("wrote"):
+      raise KeyboardInterrupt
+
+  config = job.Config(
+    optimizers=("sgd",),
+    epochs=1,
+    seeds=1,
+    hidden=(4,),
+    hessian_matvecs=2,
+    hessian_samples=20,
+    output=str(tmp_path),
+    plots=False,
+    progress=False,
+  )
+  with pytest.raises(job.Interrupted) as info:
+    job.run(config, printer=printer)
+  assert info.value.written == [str(tmp_path / "results.json")]
+  assert cli.interruption_message(info.value.written) == (
+    f"nso-jax: interrupted after writing {tmp_path / 'results.json'}"
+  )
+  assert json.loads((tmp_path / "results.json").read_text())["results"]
+
+
+@pytest.mark.parametrize(
+  "exception",
+  [
+    MemoryError(),
+    jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 GiB."
+    ),
+  ],
+)
+def test_out_of_memory_gives_one_line(capsys, monkeypatch, exception):
+  def run(config):
+    raise exception
+
+  monkeypatch.setattr(job, "run", run)
+  assert cli.main(FAST) == 1
+  error = capsys.readouterr().err
+  assert error.startswith("nso-jax: error: out of memory (")
+  assert error.endswith(
+    "use smaller settings: --seeds, --hidden, --batch-size, --hessian-samples, "
+    "--hessian-matvecs or --k.\n"
+  )
+  assert error.count("\n") == 1
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+  def run(config):
+    raise jax.errors.JaxRuntimeError("INTERNAL: a bug")
+
+  monkeypatch.setattr(job, "run", run)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    cli.main(FAST)
+
+
+def test_ctrl_c_is_deferred_to_a_safe_point():
+  before = signal.getsignal(signal.SIGINT)
+  with job.DeferredInterruptions() as interruptions:
+    interruptions.safe_point()
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # Python runs signal handlers between bytecodes
+    assert interruptions.requested
+    with pytest.raises(KeyboardInterrupt):
+      interruptions.safe_point()
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_while_training_exits_130_with_one_line(tmp_path):
+  out = tmp_path / "run"
+  command = [sys.executable, "-u", "-m", "nso_jax.app", *FAST, "--epochs=10000"]
+  command[command.index("--optimizers=sgd")] = "--optimizers=sgd,sam,rwp,nso"
+  process = subprocess.Popen(
+    [*command, f"--out={out}"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lines = queue.Queue()
+  reader = threading.Thread(
+    target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+  )
+  reader.start()
+  try:
+    # The data line is printed right before training starts; 10,000 epochs of
+    # four optimizers then take minutes.
+    first_line = lines.get(timeout=300)
+    assert first_line.startswith("data: digits"), first_line
+    time.sleep(3)
+    assert process.poll() is None, "the job ended before it was interrupted"
+    process.send_signal(signal.SIGINT)
+    status = process.wait(timeout=120)
+    errors = process.stderr.read()
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  assert status == 130, errors
+  assert "Traceback" not in errors
+  assert errors.splitlines()[-1] == "nso-jax: interrupted; no results were written"
+  assert os.listdir(out) == []
 
 
 def test_library_errors_name_fields_not_flags(tmp_path):

@@ -10,9 +10,13 @@ optimizer reached, with the gradient evaluations each one spends per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import jax
 
 from nso_jax.app import data
 from nso_jax.app import job
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
   def add(field: str, **options: Any) -> None:
     flag = FLAGS[field]
     options.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+    if field in job.SIZE_LIMITS:
+      bound = f"at most {job.SIZE_LIMITS[field][0]:,}"
+      options["help"] = f"{options['help']}; {bound}" if "help" in options else bound
     train.add_argument(flag, dest=field, default=getattr(defaults, field), **options)
 
   add(
@@ -97,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   add("epochs", type=int)
   add("seeds", type=int, help="seeds 0 .. N-1")
-  add("hidden", type=_int_list, help="hidden layer widths of the MLP, e.g. 128,128")
+  add(
+    "hidden",
+    type=_int_list,
+    help=f"hidden layer widths of the MLP, e.g. 128,128; widths at most "
+    f"{job.MAX_WIDTH:,}, at most {job.MAX_DEPTH} layers",
+  )
   add("batch_size", type=int)
   add("learning_rate", type=float, help="SGD learning rate")
   add("momentum", type=float)
@@ -136,12 +148,54 @@ def error_message(error: data.SettingError) -> str:
   return f"{PROGRAM}: error: {error.message(FLAGS.get(error.field))}"
 
 
+def interruption_message(written: Sequence[str]) -> str:
+  """The line a Ctrl-C ends the command with, given the files already written."""
+  if not written:
+    return f"{PROGRAM}: interrupted; no results were written"
+  return f"{PROGRAM}: interrupted after writing {', '.join(written)}"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+  """Whether ``error`` says the host or the accelerator ran out of memory."""
+  if isinstance(error, MemoryError):
+    return True
+  return isinstance(error, jax.errors.JaxRuntimeError) and (
+    "RESOURCE_EXHAUSTED" in str(error)
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status."""
-  args = build_parser().parse_args(argv)
+  """Runs the command line; returns the exit status.
+
+  Faults of the user's making end in one line on stderr rather than a
+  traceback: a setting, data file or output folder that cannot be used
+  (status 2), too little memory for the settings (status 1) and Ctrl-C
+  (status 130, after which no partial results remain). A traceback is left
+  to what would be a bug.
+  """
   try:
+    args = build_parser().parse_args(argv)
     job.run(config_from_args(args))
   except data.SettingError as error:
     print(error_message(error), file=sys.stderr)
     return 2
+  except KeyboardInterrupt as error:
+    if argv is None:
+      # The command is ending: a further Ctrl-C must not break its exit.
+      with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(interruption_message(getattr(error, "written", ())), file=sys.stderr)
+    return 130
+  except (MemoryError, jax.errors.JaxRuntimeError) as error:
+    if not _is_out_of_memory(error):
+      raise
+    detail = str(error).strip().partition("\n")[0] or type(error).__name__
+    print(
+      f"{PROGRAM}: error: out of memory ({detail}); "
+      f"use smaller settings: {FLAGS['seeds']}, {FLAGS['hidden']}, "
+      f"{FLAGS['batch_size']}, {FLAGS['hessian_samples']}, "
+      f"{FLAGS['hessian_matvecs']} or {FLAGS['num_perturbations']}.",
+      file=sys.stderr,
+    )
+    return 1
   return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -148,6 +149,9 @@ def load_digits(test_fraction: float = 0.3) -> Dataset:
   return split_dataset(bunch.data, bunch.target, test_fraction, "digits (scikit-learn)")
 
 
+_SAVE_HINT = "save your data with numpy.savez(path, X=features, y=labels)."
+
+
 def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
   """A user's classification data: an ``.npz`` file with arrays ``X`` and ``y``.
 
@@ -163,8 +167,25 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
     DataError: naming what is wrong with the file (field ``path``) or the
       split (field ``test_fraction``).
   """
-  if not os.path.isfile(path):
+  if os.path.isdir(path):
+    raise DataError("path", f"{path!r} is a folder, not an .npz file.")
+  if not os.path.exists(path):
     raise DataError("path", f"no such file: {path!r}.")
+  if not os.path.isfile(path):
+    raise DataError("path", f"{path!r} is not a regular file.")
+  try:
+    with open(path, "rb") as file:
+      is_archive = zipfile.is_zipfile(file)
+  except OSError as error:
+    raise DataError(
+      "path", f"cannot read {path!r} ({error.strerror or error})."
+    ) from None
+  if not is_archive:
+    raise DataError(
+      "path",
+      f"{path!r} is not an .npz archive (the zip of arrays numpy.savez "
+      f"writes); {_SAVE_HINT}",
+    )
   try:
     with np.load(path, allow_pickle=False) as archive:
       arrays = {name: archive[name] for name in archive.files}
@@ -179,12 +200,21 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
       f"{path!r} lacks the array(s) {missing}; it must hold X (n, d) features "
       f"and y (n,) labels; found {sorted(arrays)}.",
     )
+  not_arrays = [name for name in ("X", "y") if not isinstance(arrays[name], np.ndarray)]
+  if not_arrays:
+    raise DataError(
+      "path",
+      f"{path!r} holds {not_arrays} as raw bytes, not as .npy arrays; {_SAVE_HINT}",
+    )
   x, y = arrays["X"], arrays["y"]
-  if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+  # Integers and real floats; not complex numbers, timedeltas or booleans.
+  if x.ndim != 2 or x.dtype.kind not in "iuf":
     raise DataError(
       "path",
       f"X must be a 2-D numeric array (n, d), got shape {x.shape} and dtype {x.dtype}.",
     )
+  if x.shape[1] == 0:
+    raise DataError("path", f"X has no feature columns, got shape {x.shape}.")
   if y.ndim != 1 or len(y) != len(x):
     raise DataError(
       "path",
@@ -197,4 +227,11 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
   if len(np.unique(y)) < 2:
     raise DataError("path", "y must contain at least two classes.")
   name = os.path.basename(path)
-  return split_dataset(x.astype(np.float64), y, test_fraction, name)
+  with np.errstate(over="ignore", invalid="ignore"):
+    dataset = split_dataset(x.astype(np.float64), y, test_fraction, name)
+  if not (np.all(np.isfinite(dataset.x_train)) and np.all(np.isfinite(dataset.x_test))):
+    raise DataError(
+      "path",
+      "X's values are too large to standardise (their sums overflow); rescale them.",
+    )
+  return dataset

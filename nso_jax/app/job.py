@@ -10,8 +10,10 @@ model: its trace (Hutchinson, with a standard error), its top eigenvalue
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -38,17 +40,50 @@ OPTIMIZER_LABELS = {
   "nso": "NSO",
 }
 
-_POSITIVE_INTS = (
-  "epochs",
-  "seeds",
-  "batch_size",
-  "num_perturbations",
-  "hessian_samples",
-  "hessian_matvecs",
-  "lanczos_steps",
-  "density_steps",
-  "density_probes",
-)
+SIZE_LIMITS: dict[str, tuple[int, str]] = {
+  "epochs": (
+    10_000,
+    "250 times the default; at the default size that is hours of training",
+  ),
+  "seeds": (64, "all seeds train at once, each with its own copy of the model"),
+  "batch_size": (
+    100_000,
+    "a batch's activations are held for every seed at once",
+  ),
+  "num_perturbations": (64, "NSO spends 2 gradient evaluations per perturbation"),
+  "hessian_samples": (
+    100_000,
+    "100 times the default; the Hessian is applied to all of them at once",
+  ),
+  "hessian_matvecs": (
+    10_000,
+    "100 times the default; the trace's error shrinks only as 1/sqrt(probes)",
+  ),
+  "lanczos_steps": (1_000, "Lanczos keeps one parameter-sized vector per step"),
+  "density_steps": (1_000, "Lanczos keeps one parameter-sized vector per step"),
+  "density_probes": (64, "each probe runs its own Lanczos"),
+}
+"""Upper bounds of the int settings, and why: ``field -> (bound, reason)``.
+
+Each bound is generous for real use and refuses settings that would trace,
+compile or run for hours with no sign of progress. Every int setting is at
+least 1.
+"""
+
+MAX_WIDTH = 8192
+"""The widest hidden layer: wider ones hold a ``width x width`` weight matrix
+per layer, per seed and per optimizer state."""
+
+MAX_DEPTH = 32
+"""The most hidden layers: each one is traced and compiled on its own."""
+
+MAX_PARAMETERS = 20_000_000
+"""The largest model (of one seed): the Hessian measurement keeps one
+parameter-sized vector per Lanczos step, 20 million floats being 80 MB each."""
+
+MAX_TRAINED_PARAMETERS = 200_000_000
+"""The most parameters trained at once over all seeds: with their momentum,
+gradients and perturbations, about 3 GB in float32."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +124,29 @@ class Config:
         "optimizers",
         f"must be a non-empty subset of {OPTIMIZERS}, got {self.optimizers!r}.",
       )
-    for name in _POSITIVE_INTS:
+    for name, (limit, reason) in SIZE_LIMITS.items():
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise setting_error(name, f"must be an int >= 1, got {value!r}.")
-    if not self.hidden or any(h < 1 for h in self.hidden):
+      if value > limit:
+        raise setting_error(
+          name, f"must be at most {limit:,} ({reason}), got {value!r}."
+        )
+    hidden = tuple(self.hidden)
+    if not hidden or any(not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
       raise setting_error(
         "hidden", f"must list layer widths >= 1, got {self.hidden!r}."
+      )
+    if max(hidden) > MAX_WIDTH:
+      raise setting_error(
+        "hidden",
+        f"must list layer widths of at most {MAX_WIDTH:,}, got {self.hidden!r}.",
+      )
+    if len(hidden) > MAX_DEPTH:
+      raise setting_error(
+        "hidden",
+        f"must list at most {MAX_DEPTH} layers (each is compiled on its own), "
+        f"got {len(hidden)}.",
       )
     for name in ("learning_rate", "sigma", "rho"):
       value = getattr(self, name)
@@ -112,6 +163,13 @@ class Config:
       raise setting_error(
         "test_fraction", f"must be in (0, 1), got {self.test_fraction!r}."
       )
+    if self.data is not None and not (isinstance(self.data, str) and self.data):
+      raise setting_error(
+        "data",
+        f"must name an .npz file (or be left out for the digits), got {self.data!r}.",
+      )
+    if not (isinstance(self.output, str) and self.output):
+      raise setting_error("output", f"must name a folder, got {self.output!r}.")
 
 
 def load_data(config: Config) -> data_lib.Dataset:
@@ -178,6 +236,58 @@ def make_optimizer(name: str, config: Config) -> tuple[Any, int, bool]:
   return nso_jax.nso(base, sigma, k, key=0), 2 * k, False
 
 
+def steps_per_epoch(config: Config, train_examples: int) -> int:
+  """The full batches an epoch of ``train_examples`` examples takes.
+
+  Raises:
+    SettingError: when ``batch_size`` exceeds the training examples.
+  """
+  steps = train_examples // config.batch_size
+  if steps < 1:
+    raise data_lib.SettingError(
+      "batch_size",
+      f"exceeds the {train_examples} training examples.",
+      value=config.batch_size,
+    )
+  return steps
+
+
+def parameter_count(hidden: Sequence[int], features: int, num_classes: int) -> int:
+  """The weights and biases of an :class:`MLP` on ``features`` inputs."""
+  widths = (features, *hidden, num_classes)
+  return sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(widths))
+
+
+def check_fits(config: Config, data: data_lib.Dataset) -> None:
+  """Checks that the job's batches and models fit ``data``, before any compile.
+
+  Raises:
+    SettingError: when ``batch_size`` exceeds the training examples, the
+      model exceeds :data:`MAX_PARAMETERS` (field ``hidden``), or the models
+      of all seeds exceed :data:`MAX_TRAINED_PARAMETERS` (field ``seeds``).
+  """
+  steps_per_epoch(config, len(data.x_train))
+  features = data.x_train.shape[1]
+  count = parameter_count(config.hidden, features, data.num_classes)
+  if count > MAX_PARAMETERS:
+    raise data_lib.SettingError(
+      "hidden",
+      f"gives a model of {count:,} parameters on {features:,} features and "
+      f"{data.num_classes} classes; at most {MAX_PARAMETERS:,} are allowed "
+      "(the Hessian measurement keeps dozens of parameter-sized vectors); "
+      "use narrower layers.",
+      value=",".join(str(width) for width in config.hidden),
+    )
+  if count * config.seeds > MAX_TRAINED_PARAMETERS:
+    raise data_lib.SettingError(
+      "seeds",
+      f"would train {config.seeds} models of {count:,} parameters at once; at "
+      f"most {MAX_TRAINED_PARAMETERS:,} parameters in all are allowed; use "
+      "fewer seeds or a smaller model.",
+      value=config.seeds,
+    )
+
+
 def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -186,13 +296,22 @@ def _unstack(tree, n):
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
+def _no_interruption() -> None:
+  pass
+
+
 def train_optimizer(
   name: str,
   data: data_lib.Dataset,
   config: Config,
   progress: report.ProgressBars,
+  safe_point: Callable[[], None] = _no_interruption,
 ) -> dict[str, Any]:
   """Trains one optimizer over all seeds at once.
+
+  ``safe_point`` is called after each epoch, once its computations have
+  finished: where an interruption may stop the job (see
+  :class:`DeferredInterruptions`).
 
   Returns:
     The stacked train states, the per-epoch curves (``(seeds, epochs)``
@@ -206,13 +325,7 @@ def train_optimizer(
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   n = len(x_train)
-  steps = n // config.batch_size
-  if steps < 1:
-    raise data_lib.SettingError(
-      "batch_size",
-      f"exceeds the {n} training examples.",
-      value=config.batch_size,
-    )
+  steps = steps_per_epoch(config, n)
 
   def init(seed):
     params = model.init(jax.random.fold_in(jax.random.key(seed), 0), x_train[:1])
@@ -269,6 +382,7 @@ def train_optimizer(
     curves["train_loss"].append(np.asarray(train_loss))
     curves["test_accuracy"].append(np.asarray(accuracy))
     advance()
+    safe_point()
   seconds = time.perf_counter() - start
   curves = {key: np.stack(value, axis=1) for key, value in curves.items()}
   return {
@@ -328,14 +442,21 @@ def measure_curvature(
   config: Config,
   name: str,
   progress: report.ProgressBars,
+  safe_point: Callable[[], None] = _no_interruption,
 ) -> dict[str, Any]:
-  """Hessian trace, top eigenvalue and spectral density of each trained seed."""
+  """Hessian trace, top eigenvalue and spectral density of each trained seed.
+
+  ``safe_point`` is called after each seed's measurement has finished.
+  """
   params = _unstack(trained["states"].params, config.seeds)
   advance = progress.task(f"Hessian {OPTIMIZER_LABELS[name]}", config.seeds)
   results = []
   for seed, seed_params in enumerate(params):
-    results.append(measure(seed_params, jax.random.key(1000 + seed)))
+    results.append(
+      jax.block_until_ready(measure(seed_params, jax.random.key(1000 + seed)))
+    )
     advance()
+    safe_point()
   return {
     "trace": [float(r[0].value) for r in results],
     "trace_stderr": [float(r[0].stderr) for r in results],
@@ -344,8 +465,69 @@ def measure_curvature(
   }
 
 
+class DeferredInterruptions:
+  """Defers Ctrl-C (SIGINT) to the job's safe points, between computations.
+
+  A :class:`KeyboardInterrupt` raised in the middle of a JAX computation or
+  one of its callbacks can leave the computation unfinished for good (the
+  next wait hangs) or crash the interpreter as it exits. While this context
+  is entered, Ctrl-C is only recorded, and :meth:`safe_point` raises
+  :class:`KeyboardInterrupt` at the next safe point, after the current epoch
+  or measurement; pressing it again changes nothing. Outside the main thread,
+  or where SIGINT has a handler other than Python's default, nothing is
+  deferred.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous: Any = None
+
+  def __enter__(self) -> DeferredInterruptions:
+    if (
+      threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+      self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+  def _on_interrupt(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def safe_point(self) -> None:
+    """Raises :class:`KeyboardInterrupt` if Ctrl-C was pressed."""
+    if self.requested:
+      raise KeyboardInterrupt
+
+
+class Interrupted(KeyboardInterrupt):
+  """The job was interrupted (Ctrl-C).
+
+  Attributes:
+    written: the output files it had already put in place; none unless the
+      interruption reached the job after it began to move them into place.
+  """
+
+  def __init__(self, written: Sequence[str]):
+    super().__init__()
+    self.written = list(written)
+
+
 def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the main job and writes its outputs.
+
+  Everything the job needs at the end is checked before it trains: the data,
+  the sizes, and that the output folder can be created and written to. The
+  outputs are written under temporary names and moved into place together,
+  ``results.json`` last, so an interrupted or failed run leaves no file that
+  looks complete. Ctrl-C stops the job at its next safe point, after the
+  current epoch or measurement (see :class:`DeferredInterruptions`); once the
+  results are being written, it lets the writing finish.
 
   Args:
     config: the settings.
@@ -357,10 +539,28 @@ def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any
 
   Raises:
     SettingError: naming the Config field whose value the data cannot serve
-      (a :class:`DataError` for the data file and the split).
+      (a :class:`DataError` for the data file and the split, an
+      :class:`~nso_jax.app.report.OutputError` for the output folder).
+    Interrupted: on Ctrl-C, listing the files already written.
   """
+  written: list[str] = []
+  try:
+    with DeferredInterruptions() as interruptions:
+      return _run(config, printer, written, interruptions.safe_point)
+  except KeyboardInterrupt:
+    raise Interrupted(written) from None
+
+
+def _run(
+  config: Config,
+  printer: Callable[[str], None],
+  written: list[str],
+  safe_point: Callable[[], None],
+) -> dict[str, Any]:
+  """:func:`run`, adding each output file to ``written`` as it is put in place."""
   data = load_data(config)
-  os.makedirs(config.output, exist_ok=True)
+  check_fits(config, data)
+  report.prepare_output(config.output)
   printer(
     f"data: {data.name}: {len(data.x_train)} train / {len(data.x_test)} test "
     f"examples, {data.x_train.shape[1]} features, {data.num_classes} classes"
@@ -370,9 +570,12 @@ def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any
   measure = make_curvature_measure(data, config)
   with report.ProgressBars(config.progress) as progress:
     for name in config.optimizers:
-      trained = train_optimizer(name, data, config, progress)
-      curvature = measure_curvature(trained, measure, config, name, progress)
+      trained = train_optimizer(name, data, config, progress, safe_point)
+      curvature = measure_curvature(
+        trained, measure, config, name, progress, safe_point
+      )
       rows.append(report.summarise(name, OPTIMIZER_LABELS[name], trained, curvature))
+  safe_point()
   table = report.format_table(rows)
   results = {
     "config": dataclasses.asdict(config),
@@ -389,14 +592,16 @@ def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any
     "table": table,
     "seconds": time.perf_counter() - start,
   }
-  results_path = os.path.join(config.output, "results.json")
-  report.write_json(results, results_path)
+  paths = report.write_results(
+    results, rows, config.output, plots=config.plots, written=written
+  )
+  results_path, plot_paths = paths[-1], paths[:-1]
   if config.plots:
-    results["plots"] = report.plot_results(rows, config.output)
+    results["plots"] = plot_paths
   printer(table)
   printer(
     f"wrote {results_path}"
-    + ("" if not config.plots else " and " + ", ".join(results["plots"]))
+    + ("" if not config.plots else " and " + ", ".join(plot_paths))
     + f" in {results['seconds']:.0f} s"
   )
   return results

@@ -1,10 +1,16 @@
-"""What the main job shows and writes: progress bars, summaries, tables, plots."""
+"""What the main job shows and writes: progress bars, summaries, tables, plots.
+
+The output folder is checked before the job trains (:func:`prepare_output`),
+and the outputs are written all or nothing (:func:`write_results`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +19,66 @@ import numpy as np
 import optax
 
 import nso_jax
+from nso_jax.app import data as data_lib
+
+
+class OutputError(data_lib.SettingError):
+  """An output folder or file that cannot be written, naming the setting."""
+
+  separator = ": "
+
+
+def _new_temporary_file(folder: str, name: str) -> str:
+  """Creates an empty, hidden, uniquely named file in ``folder`` to write ``name`` to.
+
+  Unlike :func:`tempfile.mkstemp` (which makes private files), the file gets
+  the permissions an ordinary new file would, since it replaces ``name``.
+  """
+  path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+  with open(path, "x"):
+    pass
+  return path
+
+
+def prepare_output(folder: str, field: str = "output") -> None:
+  """Creates ``folder`` if needed and checks that files can be written in it.
+
+  Writability is tested the way the results are written: by creating (and
+  removing) a temporary file inside it.
+
+  Args:
+    folder: the output folder.
+    field: the setting that names it, for the error.
+
+  Raises:
+    OutputError: saying what is wrong and what to do.
+  """
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise OutputError(
+      field,
+      f"{folder!r} exists and is not a folder; choose another path, or move "
+      "the file away.",
+    )
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as error:
+    reason = error.strerror or str(error)
+    if isinstance(error, (NotADirectoryError, FileExistsError)):
+      reason += ": part of the path is a file, not a folder"
+    raise OutputError(
+      field,
+      f"cannot create the folder {folder!r} ({reason}); choose a path where "
+      "you can create folders.",
+    ) from None
+  try:
+    os.remove(_new_temporary_file(folder, "write-test"))
+  except OSError as error:
+    raise OutputError(
+      field,
+      f"cannot write files in the folder {folder!r} "
+      f"({error.strerror or error}); choose a folder you can write to, or "
+      "change its permissions.",
+    ) from None
 
 
 class ProgressBars:
@@ -141,22 +207,84 @@ def write_json(results: dict[str, Any], path: str) -> None:
     json.dump(results, f, indent=1)
 
 
-def plot_results(rows: list[dict[str, Any]], output: str) -> list[str]:
-  """Writes ``curves.png`` and ``spectrum.png`` into ``output``.
+def write_results(
+  results: dict[str, Any],
+  rows: list[dict[str, Any]],
+  folder: str,
+  *,
+  plots: bool = True,
+  written: list[str] | None = None,
+  field: str = "output",
+) -> list[str]:
+  """Writes ``curves.png`` and ``spectrum.png`` (if ``plots``) and ``results.json``.
+
+  All or nothing: each file is first written under a temporary name in
+  ``folder``, and only once all are written are they moved into place with
+  :func:`os.replace` (atomic within a folder), ``results.json`` last. A
+  failure or an interruption before then leaves the folder as it was; the
+  temporary files are removed in every case.
 
   Args:
-    rows: the results rows, as :func:`summarise` makes them.
-    output: the folder to write to.
+    results: the JSON-ready results.
+    rows: the results rows, as :func:`summarise` makes them, for the plots.
+    folder: the output folder; it must exist.
+    plots: whether to draw the plots.
+    written: a list each path is appended to once the file is in place.
+    field: the setting that names ``folder``, for the error.
 
   Returns:
-    The paths written.
+    The paths written, ``results.json`` last.
+
+  Raises:
+    OutputError: when a file cannot be written (a full disk, a folder removed
+      or made read-only meanwhile).
   """
+  names = (["curves.png", "spectrum.png"] if plots else []) + ["results.json"]
+  paths = [os.path.join(folder, name) for name in names]
+  temporary: dict[str, str] = {}
+  try:
+    for name in names:
+      temporary[name] = _new_temporary_file(folder, name)
+    if plots:
+      draw_curves(rows, temporary["curves.png"])
+      draw_spectrum(rows, temporary["spectrum.png"])
+    write_json(results, temporary["results.json"])
+    for name, path in zip(names, paths, strict=True):
+      os.replace(temporary[name], path)
+      del temporary[name]
+      if written is not None:
+        written.append(path)
+  except OSError as error:
+    raise OutputError(
+      field,
+      f"cannot write the results into {folder!r} ({error.strerror or error}); "
+      "results.json was not written; check the folder's free space and "
+      "permissions, or choose another.",
+    ) from None
+  finally:
+    for path in temporary.values():
+      with contextlib.suppress(OSError):
+        os.remove(path)
+  return paths
+
+
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  paths = []
+  return plt
+
+
+def draw_curves(rows: list[dict[str, Any]], path: str) -> None:
+  """Draws the training loss and test accuracy curves to ``path`` as a PNG.
+
+  Args:
+    rows: the results rows, as :func:`summarise` makes them.
+    path: the file to write.
+  """
+  plt = _pyplot()
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for row in rows:
     for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_accuracy")):
@@ -173,10 +301,20 @@ def plot_results(rows: list[dict[str, Any]], output: str) -> list[str]:
   ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
   ax_acc.legend()
   fig.tight_layout()
-  paths.append(os.path.join(output, "curves.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  try:
+    fig.savefig(path, dpi=120, format="png")
+  finally:
+    plt.close(fig)
 
+
+def draw_spectrum(rows: list[dict[str, Any]], path: str) -> None:
+  """Draws seed 0's Hessian spectral density of each optimizer to ``path`` as a PNG.
+
+  Args:
+    rows: the results rows, as :func:`summarise` makes them.
+    path: the file to write.
+  """
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for row in rows:
     density = row["spectral_density_seed0"]
@@ -190,7 +328,7 @@ def plot_results(rows: list[dict[str, Any]], output: str) -> list[str]:
   )
   ax.legend()
   fig.tight_layout()
-  paths.append(os.path.join(output, "spectrum.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  return paths
+  try:
+    fig.savefig(path, dpi=120, format="png")
+  finally:
+    plt.close(fig)
