@@ -256,6 +256,12 @@ def train_step(
   return state, {"loss": loss, **aux}
 
 
+def _as_pure(tree: Any) -> Any:
+  """The arrays of a tree of NNX variables (``nnx.as_pure``, ``nnx.pure`` before)."""
+  as_pure = getattr(nnx, "as_pure", None) or nnx.pure
+  return as_pure(tree)
+
+
 def nnx_grad_fn(
   model: nnx.Module,
   loss_fn: Callable[..., jax.Array],
@@ -306,7 +312,7 @@ def nnx_grad_fn(
   graphdef, _, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   # A snapshot of the arrays: the split state refers to the model's variables,
   # which the clean pass then updates in place.
-  rest = nnx.as_pure(rest)
+  rest = _as_pure(rest)
 
   def loss_of_params(param_arrays):
     copy = nnx.merge(graphdef, param_arrays, rest, copy=True)

@@ -372,19 +372,23 @@ def train_optimizer(
   states = _stack([init(int(seed)) for seed in seeds])
   run_epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, None)))
   run_eval = jax.jit(jax.vmap(evaluate))
-  curves = {"epoch_train_loss": [], "train_loss": [], "test_accuracy": []}
+  per_epoch: dict[str, list[np.ndarray]] = {
+    "epoch_train_loss": [],
+    "train_loss": [],
+    "test_accuracy": [],
+  }
   advance = progress.task(f"train {OPTIMIZER_LABELS[name]}", config.epochs)
   start = time.perf_counter()
   for epoch_index in range(config.epochs):
     states, epoch_loss = run_epoch(states, seeds, epoch_index)
     accuracy, train_loss = run_eval(states)
-    curves["epoch_train_loss"].append(np.asarray(epoch_loss))
-    curves["train_loss"].append(np.asarray(train_loss))
-    curves["test_accuracy"].append(np.asarray(accuracy))
+    per_epoch["epoch_train_loss"].append(np.asarray(epoch_loss))
+    per_epoch["train_loss"].append(np.asarray(train_loss))
+    per_epoch["test_accuracy"].append(np.asarray(accuracy))
     advance()
     safe_point()
   seconds = time.perf_counter() - start
-  curves = {key: np.stack(value, axis=1) for key, value in curves.items()}
+  curves = {key: np.stack(value, axis=1) for key, value in per_epoch.items()}
   return {
     "states": states,
     "curves": curves,
