@@ -86,3 +86,11 @@ def test_bad_settings(options, match):
 def test_bad_size():
   with pytest.raises(ValueError, match=r"`size` must be an int >= 1, got 0"):
     batching.sum_indices(lambda i: i, 0)
+
+
+def test_unrolling_thousands_is_refused_before_tracing():
+  calls = []
+  for seam in (batching.sum_indices, batching.map_indices):
+    with pytest.raises(ValueError, match=r"`execution`='unroll' with 513 evaluations"):
+      seam(lambda i: calls.append(i) or i, 513, execution="unroll")
+  assert not calls

@@ -35,6 +35,8 @@ EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 # 17.5 s at 16 NSO pairs of the benchmark CNN on CPU) and keep every
 # evaluation's buffers alive.
 MAX_AUTO_UNROLLED = 8
+# Beyond this, an explicit "unroll" would trace for minutes with no message.
+MAX_UNROLLED = 512
 
 
 def default_execution(
@@ -124,6 +126,15 @@ def check_execution(execution: Any, chunk_size: Any) -> tuple[Execution, int | N
   return execution, chunk_size
 
 
+def _check_unrolled_size(execution: str, size: int) -> None:
+  if execution == "unroll" and size > MAX_UNROLLED:
+    raise ValueError(
+      f"`execution`='unroll' with {size} evaluations would trace {size} copies "
+      f"of the function (minutes of compiling); unroll at most {MAX_UNROLLED}, "
+      "or use execution='map' (memory of one chunk) or 'vmap'."
+    )
+
+
 def resolve_execution(
   execution: str, size: int, fn: Callable[[jax.Array], Any] | None = None
 ) -> Execution:
@@ -177,6 +188,7 @@ def sum_indices(
   size = checks.check_positive_int(size, "size")
   execution, chunk_size = check_execution(execution, chunk_size)
   execution = resolve_execution(execution, size, fn)
+  _check_unrolled_size(execution, size)
   if execution == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
   if execution == "unroll":
@@ -229,6 +241,7 @@ def map_indices(
   size = checks.check_positive_int(size, "size")
   execution, chunk_size = check_execution(execution, chunk_size)
   execution = resolve_execution(execution, size, fn)
+  _check_unrolled_size(execution, size)
   indices = jnp.arange(size)
   if execution == "vmap":
     return jax.vmap(fn)(indices)
