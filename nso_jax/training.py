@@ -6,10 +6,10 @@ the previous checkpoint) and :func:`restore_checkpoint` (verified: a damaged
 checkpoint or a mismatched target is a clear error).
 """
 
+from nso_jax._src.checkpoints import restore_checkpoint
+from nso_jax._src.checkpoints import save_checkpoint
 from nso_jax._src.training import TrainState
 from nso_jax._src.training import nnx_grad_fn
-from nso_jax._src.training import restore_checkpoint
-from nso_jax._src.training import save_checkpoint
 from nso_jax._src.training import train_step
 
 __all__ = [

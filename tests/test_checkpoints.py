@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nso_jax import training
-from nso_jax._src import training as training_impl
+from nso_jax._src import checkpoints as checkpoints_impl
 
 EARLIER = "Restore from an earlier checkpoint"
 
@@ -345,7 +345,7 @@ def test_a_save_that_fails_while_listing_its_files_keeps_the_previous(
   def fail(path):
     raise OSError("Input/output error")
 
-  monkeypatch.setattr(training_impl, "_crc32", fail)
+  monkeypatch.setattr(checkpoints_impl, "_crc32", fail)
   with pytest.raises(OSError, match="Input/output error"):
     training.save_checkpoint(previous, _state(1.0), overwrite=True)
   monkeypatch.undo()
@@ -358,11 +358,11 @@ def test_an_overwrite_that_fails_to_rename_puts_the_previous_back(copy, monkeypa
   real_rename = os.rename
 
   def rename(source, destination):
-    if training_impl._SAVING_SUFFIX in os.fspath(source):
+    if checkpoints_impl._SAVING_SUFFIX in os.fspath(source):
       raise OSError("Device or resource busy")
     real_rename(source, destination)
 
-  monkeypatch.setattr(training_impl.os, "rename", rename)
+  monkeypatch.setattr(checkpoints_impl.os, "rename", rename)
   with pytest.raises(OSError, match="resource busy"):
     training.save_checkpoint(previous, _state(1.0), overwrite=True)
   monkeypatch.undo()

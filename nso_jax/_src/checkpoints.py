@@ -1,0 +1,473 @@
+"""Orbax checkpoints that are saved atomically and verified when restored.
+
+Checkpoints are written with Orbax into a temporary folder that is renamed into
+place only when complete, with a list of the files' sizes and checksums;
+restoring verifies that list and ``target``'s structure before reading any
+array, so a damaged checkpoint or a mismatched target raises an error that
+names the file or the arrays concerned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+import zlib
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+from typing import NoReturn
+
+import jax
+import numpy as np
+
+from nso_jax._src import checks
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
+
+
+# Orbax writes a checkpoint into "<name>.orbax-checkpoint-tmp" and renames it to
+# "<name>" once complete. save_checkpoint has it write "<name>.nso-saving-<id>",
+# adds the list of files it wrote, and renames the folder into place, moving an
+# overwritten checkpoint aside to "<name>.nso-previous-<id>" meanwhile.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_SAVING_SUFFIX = ".nso-saving-"
+_PREVIOUS_SUFFIX = ".nso-previous-"
+# Every file of the checkpoint with its size and CRC-32, as written.
+_FILE_LIST = "nso_jax_files.json"
+# Without a file list (a checkpoint written by an earlier nso_jax), restoring
+# checks for what Orbax reads: the saved tree, the index of the array store,
+# the array data, and the per-process array metadata.
+_TREE_FILE = "_METADATA"
+_REQUIRED_FILES = (_TREE_FILE, "manifest.ocdbt")
+_DATA_FOLDER = "d"
+_ARRAY_METADATA_FOLDER = "array_metadatas"
+_LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
+_EARLIER = "Restore from an earlier checkpoint; this one cannot be read."
+
+
+class _LoggerSilencer:
+  """A re-entrant, thread-safe context that silences one Python logger."""
+
+  def __init__(self, name: str):
+    self._logger = logging.getLogger(name)
+    self._lock = threading.Lock()
+    self._depth = 0
+    self._level = logging.NOTSET
+
+  @contextlib.contextmanager
+  def __call__(self) -> Iterator[None]:
+    with self._lock:
+      if self._depth == 0:
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL + 1)
+      self._depth += 1
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._depth -= 1
+        if self._depth == 0:
+          self._logger.setLevel(self._level)
+
+
+# Orbax logs through absl, whose Python logger is named "absl".
+_quiet_orbax = _LoggerSilencer("absl")
+
+
+def _remove_tree(path: str) -> None:
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def _crc32(path: str) -> int:
+  checksum = 0
+  with open(path, "rb") as stream:
+    while chunk := stream.read(1 << 20):
+      checksum = zlib.crc32(chunk, checksum)
+  return checksum
+
+
+def _write_file_list(folder: str) -> None:
+  """Records the size and CRC-32 of every file under ``folder``."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      full = os.path.join(root, name)
+      relative = os.path.relpath(full, folder).replace(os.sep, "/")
+      files[relative] = {"size": os.path.getsize(full), "crc32": _crc32(full)}
+  with open(os.path.join(folder, _FILE_LIST), "w", encoding="utf-8") as stream:
+    json.dump({"files": files}, stream, indent=1, sort_keys=True)
+    stream.flush()
+    os.fsync(stream.fileno())
+
+
+def _looks_like_checkpoint(path: str) -> bool:
+  return os.path.isdir(path) and any(
+    os.path.exists(os.path.join(path, name))
+    for name in (_FILE_LIST, *_REQUIRED_FILES, "_CHECKPOINT_METADATA")
+  )
+
+
+def _swap_in(new: str, path: str) -> None:
+  """Renames ``new`` to ``path``, deleting the old ``path`` only afterwards."""
+  previous = f"{path}{_PREVIOUS_SUFFIX}{uuid.uuid4().hex[:8]}"
+  os.rename(path, previous)
+  try:
+    os.rename(new, path)
+  except BaseException:
+    os.rename(previous, path)
+    raise
+  _remove_tree(previous)
+
+
+def save_checkpoint(
+  directory: str | os.PathLike[str], state: Any, *, overwrite: bool = False
+) -> None:
+  """Saves a pytree of arrays (a train state, typed PRNG keys included).
+
+  The save never leaves a partial checkpoint at ``directory`` and never
+  destroys the last good one. Orbax writes the checkpoint into a temporary
+  folder beside ``directory`` (``<name>.nso-saving-<id>``), a list of its files
+  with their sizes and checksums is added (``nso_jax_files.json``, which
+  :func:`restore_checkpoint` verifies), and only then is the folder renamed to
+  ``directory``. If the save fails, the temporary folder is removed and
+  ``directory`` is as it was. With ``overwrite=True`` the old checkpoint is
+  moved aside (``<name>.nso-previous-<id>``) once the new one is complete, the
+  new one is renamed into place, and only then is the old one deleted. A
+  process killed during a save can leave such a folder behind;
+  :func:`restore_checkpoint` points to it when ``directory`` is missing.
+  Renames are atomic on local file systems, which this function is meant for.
+  Orbax's log messages are silenced during the save.
+
+  Args:
+    directory: the folder to write; it must not exist yet, unless
+      ``overwrite``. Missing parent folders are created.
+    state: any pytree of arrays, e.g. a :class:`TrainState` (its ``apply_fn``
+      and ``tx`` are static and not saved) or ``nnx.state(optimizer)``.
+    overwrite: replace the checkpoint at ``directory``, once the new one is
+      complete.
+
+  Raises:
+    FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+    ValueError: if ``overwrite`` is True and ``directory`` exists but is not a
+      checkpoint (it is left untouched).
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import training
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> folder = os.path.join(workdir.name, "checkpoint")
+    >>> training.save_checkpoint(folder, {"w": jnp.zeros(3)})
+    >>> training.save_checkpoint(folder, {"w": jnp.ones(3)}, overwrite=True)
+    >>> training.restore_checkpoint(folder, {"w": jnp.zeros(3)})
+    {'w': Array([1., 1., 1.], dtype=float32)}
+    >>> sorted(os.listdir(workdir.name))
+    ['checkpoint']
+    >>> workdir.cleanup()
+  """
+  import orbax.checkpoint as ocp
+
+  overwrite = checks.check_bool(overwrite, "overwrite")
+  path = os.path.abspath(directory)
+  replacing = os.path.lexists(path)
+  if replacing and not overwrite:
+    raise FileExistsError(
+      f"`directory` {path!r} already exists, and save_checkpoint never writes "
+      "into an existing folder: pass a new folder (e.g. one per step), or "
+      "overwrite=True to replace the checkpoint there once the new one is "
+      "complete."
+    )
+  if replacing and not _looks_like_checkpoint(path):
+    raise ValueError(
+      f"`directory` {path!r} exists but holds no checkpoint; overwrite=True "
+      "only replaces a checkpoint, so it was left untouched. Pass another "
+      "folder."
+    )
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  temporary = os.path.join(parent, f"{name}{_SAVING_SUFFIX}{uuid.uuid4().hex[:8]}")
+  try:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(temporary, state)
+    _write_file_list(temporary)
+    if replacing:
+      _swap_in(temporary, path)
+    else:
+      os.rename(temporary, path)
+  finally:
+    _remove_tree(temporary)
+    for leftover in glob.glob(glob.escape(temporary + _ORBAX_TMP_SUFFIX) + "*"):
+      _remove_tree(leftover)
+
+
+def _leftovers_note(path: str) -> str:
+  """Describes the folders an interrupted save to ``path`` left beside it."""
+  notes = []
+  for leftover in sorted(glob.glob(glob.escape(path) + ".*")):
+    suffix = leftover[len(path) :]
+    if suffix.startswith(_PREVIOUS_SUFFIX):
+      notes.append(
+        " A save with overwrite=True was interrupted while replacing it; the "
+        f"previous checkpoint is complete at {leftover!r}: rename it to "
+        f"{path!r} to restore it."
+      )
+    elif suffix.startswith((_SAVING_SUFFIX, _ORBAX_TMP_SUFFIX)):
+      notes.append(
+        f" A save to it did not finish; what it wrote is at {leftover!r} "
+        "(safe to delete)."
+      )
+  return "".join(notes)
+
+
+def _damaged(path: str, problems: list[str]) -> ValueError:
+  return ValueError(
+    f"The checkpoint at {path!r} is damaged: {_listing(problems)}. {_EARLIER}"
+  )
+
+
+def _check_file_list(path: str) -> bool:
+  """Checks every file against the list written with it; False if there is none."""
+  listing = os.path.join(path, _FILE_LIST)
+  if not os.path.isfile(listing):
+    return False
+  try:
+    with open(listing, encoding="utf-8") as stream:
+      files = json.load(stream)["files"]
+    expected = {
+      name: (int(entry["size"]), int(entry["crc32"])) for name, entry in files.items()
+    }
+  except (ValueError, KeyError, TypeError, AttributeError):
+    raise _damaged(path, [f"its file {_FILE_LIST!r} is truncated or corrupt"]) from None
+  problems = []
+  for name, (size, checksum) in sorted(expected.items()):
+    full = os.path.join(path, *name.split("/"))
+    if not os.path.isfile(full):
+      problems.append(f"its file {name!r} is missing")
+    elif (actual := os.path.getsize(full)) != size:
+      problems.append(
+        f"its file {name!r} is truncated or altered ({actual} bytes; {size} "
+        "when written)"
+      )
+    elif _crc32(full) != checksum:
+      problems.append(f"its file {name!r} is corrupt (its checksum has changed)")
+  if problems:
+    raise _damaged(path, problems)
+  return True
+
+
+def _check_orbax_files(path: str) -> None:
+  """Checks for the files Orbax reads, and that its JSON metadata parses."""
+  missing = [
+    file for file in _REQUIRED_FILES if not os.path.isfile(os.path.join(path, file))
+  ]
+  data = os.path.join(path, _DATA_FOLDER)
+  if not os.path.isdir(data) or not os.listdir(data):
+    missing.append(f"{_DATA_FOLDER}/")
+  if missing:
+    listing = ", ".join(repr(file) for file in missing)
+    raise ValueError(
+      f"The checkpoint at {path!r} is incomplete: {listing} "
+      f"{'is' if len(missing) == 1 else 'are'} missing or empty. {_EARLIER}"
+    )
+  array_metadata = os.path.join(path, _ARRAY_METADATA_FOLDER)
+  json_files = [_TREE_FILE]
+  if os.path.isdir(array_metadata):
+    json_files += [
+      f"{_ARRAY_METADATA_FOLDER}/{file}" for file in sorted(os.listdir(array_metadata))
+    ]
+  for file in json_files:
+    try:
+      with open(os.path.join(path, file), encoding="utf-8") as stream:
+        json.load(stream)
+    except ValueError:
+      raise _damaged(path, [f"its file {file!r} is truncated or corrupt"]) from None
+
+
+def _check_checkpoint_folder(path: str) -> None:
+  """Raises a clear error unless ``path`` holds a complete checkpoint."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"`directory` {path!r} holds no checkpoint: it does not exist."
+      + (
+        _leftovers_note(path)
+        or " Check the path: save_checkpoint(directory, state) creates it."
+      )
+    )
+  if not os.path.isdir(path):
+    raise ValueError(
+      f"`directory` {path!r} is a file, not a checkpoint folder: pass the "
+      "folder that save_checkpoint wrote."
+    )
+  name = os.path.basename(path)
+  if _SAVING_SUFFIX in name or _ORBAX_TMP_SUFFIX in name:
+    raise ValueError(
+      f"`directory` {path!r} is a save that did not finish, not a checkpoint. "
+      "Restore from an earlier checkpoint; this folder can be deleted."
+    )
+  if not os.listdir(path):
+    raise ValueError(
+      f"`directory` {path!r} is empty: it holds no checkpoint. Restore from an "
+      "earlier checkpoint; this one was never written or its files were removed."
+    )
+  if not _check_file_list(path):
+    _check_orbax_files(path)
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+  """A key path as dotted names, alike for a pytree and Orbax's saved tree."""
+  parts = []
+  for key in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(key, attribute):
+        parts.append(str(getattr(key, attribute)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts) or "(root)"
+
+
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+  return {
+    _leaf_name(path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _listing(items: list[str], limit: int = 4) -> str:
+  shown = "; ".join(items[:limit])
+  return shown if len(items) <= limit else f"{shown}; and {len(items) - limit} more"
+
+
+def _check_matches(path: str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+  """Raises a ValueError naming where the saved arrays and ``target`` differ."""
+  import orbax.checkpoint as ocp
+
+  only_saved = sorted(saved.keys() - wanted.keys())
+  only_wanted = sorted(wanted.keys() - saved.keys())
+  differing = []
+  for name in sorted(saved.keys() & wanted.keys()):
+    saved_leaf, wanted_leaf = saved[name], wanted[name]
+    saved_shape = getattr(saved_leaf, "shape", None)
+    wanted_shape = tuple(np.shape(wanted_leaf))
+    if saved_shape is not None and tuple(saved_shape) != wanted_shape:
+      differing.append(
+        f"{name} has shape {tuple(saved_shape)} saved, {wanted_shape} in `target`"
+      )
+      continue
+    # Python scalars (a step count, say) are saved and restored loosely typed.
+    saved_dtype = getattr(saved_leaf, "dtype", None)
+    wanted_dtype = getattr(wanted_leaf, "dtype", None)
+    if (
+      saved_dtype is not None
+      and wanted_dtype is not None
+      and not isinstance(saved_leaf, ocp.metadata.ScalarMetadata)
+      and np.dtype(saved_dtype) != np.dtype(wanted_dtype)
+    ):
+      differing.append(
+        f"{name} has dtype {np.dtype(saved_dtype)} saved, "
+        f"{np.dtype(wanted_dtype)} in `target`"
+      )
+  problems = []
+  if only_saved:
+    problems.append(
+      f"{len(only_saved)} saved array(s) not in `target` "
+      f"({', '.join(only_saved[:4])}{', ...' if len(only_saved) > 4 else ''})"
+    )
+  if only_wanted:
+    problems.append(
+      f"{len(only_wanted)} array(s) of `target` not in the checkpoint "
+      f"({', '.join(only_wanted[:4])}{', ...' if len(only_wanted) > 4 else ''})"
+    )
+  problems += differing
+  if problems:
+    raise ValueError(
+      f"The checkpoint at {path!r} does not match `target`: {_listing(problems)}. "
+      "Pass a `target` built like the saved state (the same model, optimizer "
+      "and settings)."
+    )
+
+
+def _raise_read_error(path: str, error: Exception) -> NoReturn:
+  """Raises a short error for a checkpoint that Orbax could not read."""
+  causes: list[BaseException] = []
+  cause: BaseException | None = error
+  while cause is not None and len(causes) < 8:
+    causes.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  for cause in causes:
+    if match := _LOCAL_FILE.search(str(cause)):
+      file = os.path.relpath(match.group(1), path)
+      if not file.startswith(".."):
+        problem = "missing" if "NOT_FOUND" in str(cause) else "truncated or corrupt"
+        raise _damaged(path, [f"its file {file!r} is {problem}"]) from None
+  reason = str(causes[-1]).split("\n", 1)[0][:200]
+  raise ValueError(
+    f"The checkpoint at {path!r} could not be read: {reason}. If it is "
+    "damaged, restore from an earlier checkpoint."
+  ) from error
+
+
+def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
+  """Restores a pytree saved by :func:`save_checkpoint` into ``target``'s shape.
+
+  The folder is checked before any array is read: every file must be as
+  :func:`save_checkpoint` wrote it (the size and checksum it recorded), and
+  the saved arrays must have ``target``'s names, shapes and dtypes. (For a
+  checkpoint without the list of files, from an earlier nso_jax, the files
+  Orbax reads are checked for.) Orbax's log messages are silenced, so a failed
+  restore reports only the error raised here.
+
+  Args:
+    directory: where the checkpoint was written.
+    target: a pytree with the structure, shapes and dtypes to restore, such as
+      a freshly created :class:`TrainState`; its values are not used.
+
+  Returns:
+    A pytree like ``target`` holding the saved values bit for bit.
+
+  Raises:
+    FileNotFoundError: if ``directory`` does not exist.
+    ValueError: if ``directory`` is not a complete, intact checkpoint (the
+      message names the missing or damaged files), or if the saved arrays do
+      not match ``target`` (the message names them).
+
+  Example:
+    >>> import os, tempfile
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import training
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> folder = os.path.join(workdir.name, "checkpoint")
+    >>> training.save_checkpoint(folder, {"w": jnp.arange(3.0)})
+    >>> try:
+    ...   training.restore_checkpoint(folder, {"w": jnp.zeros(4)})
+    ... except ValueError as error:
+    ...   print(error)
+    The checkpoint at '...' does not match `target`: w has shape (3,) saved,
+    (4,) in `target`. Pass a `target` built like the saved state (the same
+    model, optimizer and settings).
+    >>> workdir.cleanup()
+  """
+  import orbax.checkpoint as ocp
+
+  path = os.path.abspath(directory)
+  _check_checkpoint_folder(path)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+    try:
+      metadata = checkpointer.metadata(path)
+    except Exception as error:
+      _raise_read_error(path, error)
+    saved = getattr(metadata, "item_metadata", metadata)
+    if saved is not None:
+      _check_matches(path, _leaves_by_name(saved), _leaves_by_name(abstract))
+    try:
+      return checkpointer.restore(path, abstract)
+    except Exception as error:
+      _raise_read_error(path, error)
