@@ -23,6 +23,7 @@ import pytest
 import nso_jax
 from nso_jax.app import cli
 from nso_jax.app import data
+from nso_jax.app import interrupts
 from nso_jax.app import job
 from nso_jax.app import report
 
@@ -429,7 +430,7 @@ def test_interruption_after_writing_says_what_was_written(
     plots=False,
     progress=False,
   )
-  with pytest.raises(job.Interrupted) as info:
+  with pytest.raises(interrupts.Interrupted) as info:
     job.run(config, printer=printer)
   assert info.value.written == [str(tmp_path / "results.json")]
   assert cli.interruption_message(info.value.written) == (
@@ -473,7 +474,7 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
 
 def test_ctrl_c_is_deferred_to_a_safe_point():
   before = signal.getsignal(signal.SIGINT)
-  with job.DeferredInterruptions() as interruptions:
+  with interrupts.DeferredInterruptions() as interruptions:
     interruptions.safe_point()
     os.kill(os.getpid(), signal.SIGINT)
     os.kill(os.getpid(), signal.SIGINT)

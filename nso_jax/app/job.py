@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -30,6 +28,8 @@ from nso_jax import hessian
 from nso_jax import training
 from nso_jax.app import data as data_lib
 from nso_jax.app import report
+from nso_jax.app.interrupts import DeferredInterruptions
+from nso_jax.app.interrupts import Interrupted
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "rwp", "nso")
 
@@ -467,59 +467,6 @@ def measure_curvature(
     "top_eigenvalue": [float(r[1]) for r in results],
     "density": results[0][2],
   }
-
-
-class DeferredInterruptions:
-  """Defers Ctrl-C (SIGINT) to the job's safe points, between computations.
-
-  A :class:`KeyboardInterrupt` raised in the middle of a JAX computation or
-  one of its callbacks can leave the computation unfinished for good (the
-  next wait hangs) or crash the interpreter as it exits. While this context
-  is entered, Ctrl-C is only recorded, and :meth:`safe_point` raises
-  :class:`KeyboardInterrupt` at the next safe point, after the current epoch
-  or measurement; pressing it again changes nothing. Outside the main thread,
-  or where SIGINT has a handler other than Python's default, nothing is
-  deferred.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous: Any = None
-
-  def __enter__(self) -> DeferredInterruptions:
-    if (
-      threading.current_thread() is threading.main_thread()
-      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ):
-      self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
-
-  def _on_interrupt(self, signum, frame) -> None:
-    del signum, frame
-    self.requested = True
-
-  def safe_point(self) -> None:
-    """Raises :class:`KeyboardInterrupt` if Ctrl-C was pressed."""
-    if self.requested:
-      raise KeyboardInterrupt
-
-
-class Interrupted(KeyboardInterrupt):
-  """The job was interrupted (Ctrl-C).
-
-  Attributes:
-    written: the output files it had already put in place; none unless the
-      interruption reached the job after it began to move them into place.
-  """
-
-  def __init__(self, written: Sequence[str]):
-    super().__init__()
-    self.written = list(written)
 
 
 def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any]:
