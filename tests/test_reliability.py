@@ -140,9 +140,14 @@ class TestHalfPrecisionNoise:
     params = jnp.full((1000,), 4.0, jnp.float16)  # spacing 2**-8 at 4.0
     resolutions = {}
     for sigma in (1e-4, 0.5):
-      tx = nso_jax.noise_stability(sigma, key=0)
+      tx = nso_jax.noise_stability(sigma, key=0, track_noise_resolution=True)
       _, state = tx.update(None, tx.init(params), params, grad_fn=lambda p: p)
       resolutions[sigma] = float(state.noise_resolution)
+    untracked = nso_jax.noise_stability(1e-4, key=0)
+    _, state = untracked.update(
+      None, untracked.init(params), params, grad_fn=lambda p: p
+    )
+    assert np.isnan(state.noise_resolution)  # not measured unless asked
     assert resolutions[1e-4] < 0.05  # W + U rounds back to W
     assert resolutions[0.5] == pytest.approx(1.0, abs=1e-3)
 
@@ -225,3 +230,19 @@ class TestNonfinitePolicy:
       *step(*step(jnp.ones(4), tx.init(jnp.ones(4)), False), False), False
     )
     chex.assert_trees_all_equal(resumed, straight)
+
+
+def test_empty_batch_refused_by_the_hessian_tools():
+  loss = lambda w, b: jnp.mean((b @ w) ** 2)
+  with pytest.raises(ValueError, match=r"holds no examples \(leading size 0\)"):
+    hessian.trace(loss, jnp.ones(3), jnp.ones((0, 3)), 0, num_matvecs=2)
+  with pytest.raises(ValueError, match=r"holds no examples"):
+    hessian.trace(
+      loss, jnp.ones(3), [jnp.ones((2, 3)), jnp.ones((0, 3))], 0, num_matvecs=2
+    )
+
+
+def test_clean_weight_with_empty_params_gets_the_clear_error():
+  tx = nso_jax.noise_stability(0.1, key=0, clean_weight=0.5)
+  with pytest.raises(ValueError, match=r"`params` is an empty pytree"):
+    tx.update({}, tx.init({}), {}, grad_fn=lambda p: p)

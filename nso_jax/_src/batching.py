@@ -37,6 +37,9 @@ EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 MAX_AUTO_UNROLLED = 8
 # Beyond this, an explicit "unroll" would trace for minutes with no message.
 MAX_UNROLLED = 512
+# On accelerators "auto" batches at most this many evaluations with vmap (NSO's
+# few pairs); more (100 trace probes) would hold all their activations at once.
+MAX_AUTO_VMAPPED = 16
 
 
 def default_execution(
@@ -44,7 +47,10 @@ def default_execution(
 ) -> Execution:
   """Returns the strategy ``execution="auto"`` resolves to on ``backend``.
 
-  Accelerators run all evaluations as one batched computation (``"vmap"``).
+  Accelerators run up to 16 evaluations (NSO's pairs) as one batched
+  computation (``"vmap"``); more (such as 100 trace probes) run one at a
+  time (``"map"``), since a batch holds every evaluation's activations at
+  once.
   On CPU, where batching adds no parallelism beyond XLA's own threading, a
   sequential ``lax.scan`` (``"map"`` with chunk size 1) was measured fastest,
   and it keeps memory flat in ``size``. Except for convolutional networks:
@@ -74,7 +80,7 @@ def default_execution(
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
-    return "vmap"
+    return "vmap" if size <= MAX_AUTO_VMAPPED else "map"
   if convolutional and size <= MAX_AUTO_UNROLLED:
     return "unroll"
   return "map"
@@ -126,7 +132,7 @@ def check_execution(execution: Any, chunk_size: Any) -> tuple[Execution, int | N
   return execution, chunk_size
 
 
-def _check_unrolled_size(execution: str, size: int) -> None:
+def check_unrolled_size(execution: str, size: int) -> None:
   if execution == "unroll" and size > MAX_UNROLLED:
     raise ValueError(
       f"`execution`='unroll' with {size} evaluations would trace {size} copies "
@@ -188,7 +194,7 @@ def sum_indices(
   size = checks.check_positive_int(size, "size")
   execution, chunk_size = check_execution(execution, chunk_size)
   execution = resolve_execution(execution, size, fn)
-  _check_unrolled_size(execution, size)
+  check_unrolled_size(execution, size)
   if execution == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
   if execution == "unroll":
@@ -241,7 +247,7 @@ def map_indices(
   size = checks.check_positive_int(size, "size")
   execution, chunk_size = check_execution(execution, chunk_size)
   execution = resolve_execution(execution, size, fn)
-  _check_unrolled_size(execution, size)
+  check_unrolled_size(execution, size)
   indices = jnp.arange(size)
   if execution == "vmap":
     return jax.vmap(fn)(indices)

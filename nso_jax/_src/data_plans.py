@@ -64,6 +64,11 @@ def _leading_size(batch: PyTree, name: str) -> int:
         f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} is a scalar; "
         "every leaf of a batch needs a leading example axis."
       )
+    if shape[0] == 0:
+      raise ValueError(
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} holds no "
+        "examples (leading size 0)."
+      )
     sizes.add(shape[0])
   if not sizes:
     raise ValueError(f"`{name}` is an empty pytree: a batch needs arrays.")
@@ -167,6 +172,13 @@ def make_plan(data: Any) -> DataPlan:
       "the loss would receive the whole tuple. Pass several batches as a "
       "list; pass one batch whose parts share a structure as a dict."
     )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+    if jnp.ndim(leaf) and jnp.shape(leaf)[0] == 0:
+      raise ValueError(
+        f"`data` leaf {jax.tree_util.keystr(path) or '(root)'} holds no "
+        "examples (leading size 0): the curvature of an empty batch is "
+        "undefined."
+      )
   return DataPlan(data, (), 1.0)
 
 

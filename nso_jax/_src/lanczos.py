@@ -163,12 +163,6 @@ def lanczos_tridiag(
   return Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
 
 
-def _check_template(template: PyTree) -> None:
-  checks.check_float_tree(
-    template, "template", "curvature is defined for floating-point leaves only"
-  )
-
-
 def _default_num_steps(num_eigenvalues: int, dim: int) -> int:
   return min(dim, max(40, 2 * num_eigenvalues))
 
@@ -186,7 +180,7 @@ def lanczos_eigenvalues(
   r"""Extreme eigenvalues of a symmetric operator by the Lanczos method.
 
   Runs ``num_steps`` steps of :func:`lanczos_tridiag` from a random Rademacher
-  start and returns ``k`` Ritz values of the tridiagonal matrix :math:`T`.
+  start and returns ``num_eigenvalues`` Ritz values of the tridiagonal matrix :math:`T`.
   Extreme eigenvalues converge first, the faster the better they are separated
   from the rest of the spectrum; with ``num_steps`` equal to the dimension
   the result is exact up to rounding.
@@ -227,7 +221,7 @@ def lanczos_eigenvalues(
     Hessian eigenvalue density", ICML 2019.
   """
   which = checks.check_choice(which, WHICH, "which")
-  _check_template(template)
+  operators.check_template(template)
   operator = operators.flatten_operator(matvec, template)
   k = checks.check_positive_int(num_eigenvalues, "num_eigenvalues")
   if k > operator.dim:
@@ -305,7 +299,7 @@ def power_iteration(
   if checks.is_traced(tol):
     raise ValueError("`tol` must be a concrete float >= 0, got a traced value.")
   checks.check_scalar(tol, "tol", minimum=0.0)
-  _check_template(template)
+  operators.check_template(template)
   start = noise_lib.sample_noise(
     checks.canonicalize_key(key), template, jax.random.normal
   )
@@ -421,7 +415,7 @@ def stochastic_lanczos_quadrature(
     and not float(bounds[0]) < float(bounds[1])
   ):
     raise ValueError(f"`bounds` must satisfy low < high, got {bounds!r}.")
-  _check_template(template)
+  operators.check_template(template)
   operator = operators.flatten_operator(matvec, template)
   num_steps = min(num_steps, operator.dim)
   key = checks.canonicalize_key(key)

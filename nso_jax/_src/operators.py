@@ -29,10 +29,12 @@ from nso_jax._src.checks import PyTree
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 Matvec = Callable[[PyTree], PyTree]
 
-CURVATURE_LEAVES = (
-  "curvature is defined for floating-point leaves only (exclude the others "
-  "with `param_filter`)"
-)
+CURVATURE_LEAVES = "curvature is defined for floating-point leaves only"
+
+
+def check_template(template: PyTree, name: str = "template") -> None:
+  """Raises unless ``template`` is a non-empty pytree of floating-point leaves."""
+  checks.check_float_tree(template, name, CURVATURE_LEAVES)
 
 
 class LinearOperator(NamedTuple):
@@ -202,7 +204,9 @@ def hessian_operator(
     Array([1., 1., 1.], dtype=float32)
   """
   selected, merge = selection.select(params, param_filter)
-  checks.check_float_tree(selected, "params", CURVATURE_LEAVES)
+  checks.check_float_tree(
+    selected, "params", f"{CURVATURE_LEAVES} (exclude the others with `param_filter`)"
+  )
   plan = data_plans.make_plan(data)
   restricted_loss = lambda sub, batch: loss_fn(merge(sub), batch)
   _check_scalar_loss(
@@ -263,7 +267,9 @@ def ggn_operator(
     Array([0.5, 0. ], dtype=float32)
   """
   selected, merge = selection.select(params, param_filter)
-  checks.check_float_tree(selected, "params", CURVATURE_LEAVES)
+  checks.check_float_tree(
+    selected, "params", f"{CURVATURE_LEAVES} (exclude the others with `param_filter`)"
+  )
   plan = data_plans.make_plan(data)
   restricted_model = lambda sub, batch: model_fn(merge(sub), batch)
 

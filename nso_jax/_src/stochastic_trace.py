@@ -62,19 +62,15 @@ def _flat_probes(
   return PROBES[probe](key, shape, dtype)
 
 
-def _check_template(template: PyTree) -> None:
-  checks.check_float_tree(
-    template, "template", "curvature is defined for floating-point leaves only"
-  )
-
-
 def resolve_probe_execution(
   execution: str, chunk_size: int | None, num: int, matvec: Matvec, template: PyTree
 ) -> batching.Execution:
   """Checks ``execution`` and resolves ``"auto"`` for ``num`` products."""
   execution, chunk_size = batching.check_execution(execution, chunk_size)
   zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), template)
-  return batching.resolve_execution(execution, num, lambda _: matvec(zeros))
+  resolved = batching.resolve_execution(execution, num, lambda _: matvec(zeros))
+  batching.check_unrolled_size(resolved, num)
+  return resolved
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -169,7 +165,7 @@ def hutchinson(
   num = checks.check_positive_int(num_matvecs, "num_matvecs")
   sampler = _probe_sampler(probe)
   rtol = _check_rtol(rtol)
-  _check_template(template)
+  operators.check_template(template)
   execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
   key = checks.canonicalize_key(key)
 
@@ -313,7 +309,7 @@ def hutch_pp(
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
   _probe_sampler(probe)
-  _check_template(template)
+  operators.check_template(template)
   execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
   operator = operators.flatten_operator(matvec, template)
   key = checks.canonicalize_key(key)
@@ -399,7 +395,7 @@ def xtrace(
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
   _probe_sampler(probe)
-  _check_template(template)
+  operators.check_template(template)
   execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
   operator = operators.flatten_operator(matvec, template)
   key = checks.canonicalize_key(key)

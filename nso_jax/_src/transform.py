@@ -28,13 +28,15 @@ class NoiseStabilityState(NamedTuple):
     value: float32 mean of the values ``grad_fn`` returned at the perturbed
       weights in the last update, an estimate of the smoothed loss
       ``E[L(W + U)]``; zero unless ``has_value=True``.
-    noise_resolution: float32 share of the last update's noise that the
-      parameters' dtype can hold, :math:`\lVert (W + U) - W \rVert^2 /
-      \lVert U \rVert^2` over the half-precision (float16, bfloat16)
-      leaves, for the first pair. Near 1, the perturbation is the one asked
-      for; well below 1, ``W + U`` rounds back towards ``W`` and NSO drifts
-      towards the plain gradient: raise ``sigma`` or keep float32 master
-      weights. Exactly 1 when no leaf is in half precision.
+    noise_resolution: with ``track_noise_resolution=True``, the float32
+      share of the last update's noise that the parameters' dtype can hold,
+      :math:`\lVert (W + U) - W \rVert^2 / \lVert U \rVert^2` over the
+      half-precision (float16, bfloat16) leaves, for the first pair. Near 1,
+      the perturbation is the one asked for; well below 1, ``W + U`` rounds
+      back towards ``W`` and NSO drifts towards the plain gradient: raise
+      ``sigma`` or keep float32 master weights. Exactly 1 when no leaf is in
+      half precision; NaN (not measured) for half-precision parameters unless
+      tracked, since the measurement draws the first pair's noise again.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -54,6 +56,7 @@ def noise_stability(
   has_value: bool = False,
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  track_noise_resolution: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the gradient by the noise stability (NSO) gradient.
 
@@ -115,6 +118,8 @@ def noise_stability(
       ``"unroll"``; see :func:`nso_jax.noise_stability_gradient`. The result
       is the same up to floating-point summation order.
     chunk_size: pairs per step of ``execution="map"`` (1: sequential).
+    track_noise_resolution: measure ``state.noise_resolution`` for
+      half-precision parameters (one more noise draw per step).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -161,6 +166,7 @@ def noise_stability(
   noise_lib.check_noise(noise)
   one_sided = checks.check_bool(one_sided, "one_sided")
   has_value = checks.check_bool(has_value, "has_value")
+  track = checks.check_bool(track_noise_resolution, "track_noise_resolution")
   clean_weight = estimator.check_clean_weight(clean_weight)
   batching.check_execution(execution, chunk_size)
   key = checks.canonicalize_key(key)
@@ -220,7 +226,7 @@ def noise_stability(
       count=optax.safe_increment(state.count),
       key=next_key,
       value=value,
-      noise_resolution=_noise_resolution(params, step_key, sigma_now, noise),
+      noise_resolution=_noise_resolution(params, step_key, sigma_now, noise, track),
     )
     return out, new_state
 
@@ -233,7 +239,9 @@ def _clean_gradient(
   """The clean gradient to mix in: the incoming one, or ``None`` to compute it.
 
   Incoming gradients that are all zeros are taken as missing (a placeholder
-  such as ``train_step(clean_gradient=False)`` passes), and computed.
+  such as ``train_step(clean_gradient=False)`` passes), and computed. Under
+  ``jax.vmap`` the test becomes a select: the clean gradient is then always
+  computed, one more evaluation per step (only with ``clean_weight > 0``).
   """
   if updates is None or (not checks.is_traced(clean_weight) and clean_weight == 0):
     return None
@@ -248,7 +256,8 @@ def _clean_gradient(
     out = grad_fn(params)
     return jax.tree.map(jnp.asarray, out[1] if has_value else out)
 
-  all_zero = jnp.all(jnp.stack([jnp.all(g == 0) for g in jax.tree.leaves(updates)]))
+  zero_leaves = [jnp.all(g == 0) for g in jax.tree.leaves(updates)]
+  all_zero = jnp.all(jnp.stack(zero_leaves)) if zero_leaves else jnp.asarray(True)
   incoming = jax.tree.map(
     lambda g, c: jnp.asarray(g, c.dtype), updates, jax.eval_shape(compute)
   )
@@ -256,12 +265,14 @@ def _clean_gradient(
 
 
 def _noise_resolution(
-  params: Any, key: jax.Array, sigma: Any, noise: noise_lib.NoiseName
+  params: Any, key: jax.Array, sigma: Any, noise: noise_lib.NoiseName, track: bool
 ) -> Any:
   """``|(W + U) - W|^2 / |U|^2`` over half-precision leaves, for pair 0."""
   half = [jnp.dtype(jnp.result_type(p)).itemsize < 4 for p in jax.tree.leaves(params)]
   if not any(half):
     return jnp.ones([], jnp.float32)
+  if not track:
+    return jnp.full([], jnp.nan, jnp.float32)
   z = noise_lib.sample_noise(jax.random.fold_in(key, 0), params, noise)
   held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
   for is_half, w, zi in zip(
