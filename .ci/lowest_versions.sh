@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The lowest declared versions: a fresh virtual environment with every direct
 # requirement at its lower bound (.ci/lowest_pins.py), then the core, Hessian,
-# Flax, checkpoint and Equinox tests. pytest's exit code 5 (no tests) fails.
+# Flax, checkpoint, Equinox and command tests and the docstring examples.
+# pytest's exit code 5 (no tests) fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .ci/venv-lowest
+python3 -m venv --clear .ci/venv-lowest
 # shellcheck disable=SC1091
 source .ci/venv-lowest/bin/activate
 python -m pip install --quiet --upgrade pip
@@ -12,9 +13,9 @@ python .ci/lowest_pins.py > .ci/venv-lowest/pins.txt
 echo "lowest declared versions:" $(cat .ci/venv-lowest/pins.txt)
 python -m pip install --quiet -r .ci/venv-lowest/pins.txt
 python -m pip install --quiet --no-deps -e .
-python -m pytest -q -p no:cacheprovider \
-  tests/test_estimator.py tests/test_transform.py tests/test_noise.py \
+python -m pytest -q -p no:cacheprovider --doctest-modules \
+  nso_jax tests/test_estimator.py tests/test_transform.py tests/test_noise.py \
   tests/test_batching.py tests/test_checks.py tests/test_pinned.py \
   tests/test_reliability.py tests/test_hessian.py tests/test_trace.py \
-  tests/test_training.py tests/test_checkpoints.py tests/test_equinox.py \
-  tests/test_bad_input_sweep.py
+  tests/test_lanczos.py tests/test_training.py tests/test_checkpoints.py \
+  tests/test_equinox.py tests/test_bad_input_sweep.py tests/test_cli.py

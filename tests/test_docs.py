@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from optional import require
 
 import nso_jax
 from nso_jax import batching
@@ -46,11 +47,11 @@ def _public_names() -> list[str]:
 
 @pytest.fixture(scope="module")
 def html_build(tmp_path_factory) -> pathlib.Path:
-  if importlib.util.find_spec("sphinx") is None:
-    pytest.skip(
-      "Sphinx is not installed: pip install -e '.[docs]' to build the "
-      "documentation (sphinx, sphinx-book-theme, myst-parser)"
-    )
+  require(
+    "sphinx",
+    reason="Sphinx is not installed: pip install -e '.[docs]' to build the "
+    "documentation (sphinx, sphinx-book-theme, myst-parser)",
+  )
   out = tmp_path_factory.mktemp("docs_html")
   command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q"]
   result = subprocess.run(

@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optional import require
 
 import nso_jax
 from nso_jax import hessian
 
-eqx = pytest.importorskip(
-  "equinox", reason="equinox is not installed (pip install equinox)"
-)
+eqx = require("equinox", reason="equinox is not installed (pip install equinox)")
 
 DOCS_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "equinox.md"
 LAST_LAYER = ".layers[2]"

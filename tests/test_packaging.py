@@ -14,6 +14,7 @@ import sys
 import venv
 
 import pytest
+from optional import require
 
 import nso_jax
 
@@ -38,7 +39,7 @@ print(nso_jax.__version__)
 
 @pytest.fixture(scope="module")
 def distributions(tmp_path_factory):
-  pytest.importorskip("build", reason="the `build` package is part of the test extra")
+  require("build", reason="the `build` package is part of the test extra")
   out = tmp_path_factory.mktemp("dist")
   result = subprocess.run(
     [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],

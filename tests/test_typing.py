@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
+from optional import require
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ def test_py_typed_marker_ships():
 
 
 def test_mypy_is_clean():
-  pytest.importorskip("mypy", reason="mypy is part of the test extra")
+  require("mypy", reason="mypy is part of the test extra")
   result = subprocess.run(
     [sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", os.devnull],
     cwd=ROOT,
