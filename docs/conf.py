@@ -32,7 +32,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-# ARCHITECTURE.md is included by architecture.md; it is not a page of its own.
+# ARCHITECTURE.md is included by module_map.md; it is not a page of its own.
 exclude_patterns = ["_build", "ARCHITECTURE.md", "Thumbs.db", ".DS_Store"]
 
 # Every cross-reference must resolve: a broken one is a warning, and the build
