@@ -114,8 +114,29 @@ def _looks_like_checkpoint(path: str) -> bool:
   )
 
 
+def _fsync(path: str) -> None:
+  """Flushes a file or a folder's entries to the disk."""
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
+
+
+def _fsync_tree(folder: str) -> None:
+  """Flushes every file under ``folder``, then the folders themselves."""
+  for root, _, files in os.walk(folder):
+    for name in files:
+      _fsync(os.path.join(root, name))
+    _fsync(root)
+
+
 def _swap_in(new: str, path: str) -> None:
-  """Renames ``new`` to ``path``, deleting the old ``path`` only afterwards."""
+  """Renames ``new`` to ``path``, deleting the old ``path`` only afterwards.
+
+  The old checkpoint is deleted only once the rename is on the disk, so a
+  power cut leaves one complete checkpoint at ``path`` or beside it.
+  """
   previous = f"{path}{_PREVIOUS_SUFFIX}{uuid.uuid4().hex[:8]}"
   os.rename(path, previous)
   try:
@@ -123,6 +144,7 @@ def _swap_in(new: str, path: str) -> None:
   except BaseException:
     os.rename(previous, path)
     raise
+  _fsync(os.path.dirname(path))
   _remove_tree(previous)
 
 
@@ -132,7 +154,10 @@ def save_checkpoint(
   """Saves a pytree of arrays (a train state, typed PRNG keys included).
 
   The save never leaves a partial checkpoint at ``directory`` and never
-  destroys the last good one. Orbax writes the checkpoint into a temporary
+  destroys the last good one, a power cut included (files and folders are
+  flushed to the disk before each rename). It is written by one process: the
+  temporary folder's name is drawn per process, so multi-host saves need
+  Orbax's own multi-process checkpointing. Orbax writes the checkpoint into a temporary
   folder beside ``directory`` (``<name>.nso-saving-<id>``), a list of its files
   with their sizes and checksums is added (``nso_jax_files.json``, which
   :func:`restore_checkpoint` verifies), and only then is the folder renamed to
@@ -197,10 +222,12 @@ def save_checkpoint(
     with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(temporary, state)
     _write_file_list(temporary)
+    _fsync_tree(temporary)
     if replacing:
       _swap_in(temporary, path)
     else:
       os.rename(temporary, path)
+      _fsync(parent)
   finally:
     _remove_tree(temporary)
     for leftover in glob.glob(glob.escape(temporary + _ORBAX_TMP_SUFFIX) + "*"):
