@@ -153,7 +153,7 @@ def eigenvalues(
     >>> loss = lambda w, x: 0.5 * jnp.mean(jnp.sum(x * w ** 2, axis=-1))
     >>> x = jnp.array([[1.0, -2.0, 3.0, 4.0]])  # H = diag(x)
     >>> hessian.eigenvalues(loss, jnp.ones(4), x, key=0, num_eigenvalues=2,
-    ...                    which="SA")
+    ...                    which="SA").round(4)
     Array([-2.,  1.], dtype=float32)
   """
   operator = operators.hessian_operator(
@@ -203,7 +203,7 @@ def top_eigenvalues(
     >>> from nso_jax import hessian
     >>> loss = lambda w, x: 0.5 * jnp.mean(jnp.sum(x * w ** 2, axis=-1))
     >>> x = jnp.array([[1.0, -2.0, 3.0, 4.0]])
-    >>> hessian.top_eigenvalues(loss, jnp.ones(4), x, key=0, num_eigenvalues=2)
+    >>> hessian.top_eigenvalues(loss, jnp.ones(4), x, key=0, num_eigenvalues=2).round(4)
     Array([4., 3.], dtype=float32)
   """
   return eigenvalues(
