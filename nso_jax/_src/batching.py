@@ -155,6 +155,17 @@ def resolve_execution(
   return default_execution(convolutional=convolutional, size=size)
 
 
+def _plan(
+  fn: Callable[[jax.Array], Any], size: Any, execution: Any, chunk_size: Any
+) -> tuple[int, Execution, int | None]:
+  """Checks the arguments of a seam and resolves ``"auto"``."""
+  size = checks.check_positive_int(size, "size")
+  execution, chunk_size = check_execution(execution, chunk_size)
+  execution = resolve_execution(execution, size, fn)
+  check_unrolled_size(execution, size)
+  return size, execution, chunk_size
+
+
 def _tree_add(a: Any, b: Any) -> Any:
   return jax.tree.map(jnp.add, a, b)
 
@@ -191,10 +202,7 @@ def sum_indices(
     >>> batching.sum_indices(lambda i: i**2, 4, execution="map", chunk_size=3)
     Array(14, dtype=int32)
   """
-  size = checks.check_positive_int(size, "size")
-  execution, chunk_size = check_execution(execution, chunk_size)
-  execution = resolve_execution(execution, size, fn)
-  check_unrolled_size(execution, size)
+  size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
   if execution == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
   if execution == "unroll":
@@ -244,10 +252,7 @@ def map_indices(
     >>> batching.map_indices(lambda i: 2 * i, 3, execution="vmap")
     Array([0, 2, 4], dtype=int32)
   """
-  size = checks.check_positive_int(size, "size")
-  execution, chunk_size = check_execution(execution, chunk_size)
-  execution = resolve_execution(execution, size, fn)
-  check_unrolled_size(execution, size)
+  size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
   indices = jnp.arange(size)
   if execution == "vmap":
     return jax.vmap(fn)(indices)

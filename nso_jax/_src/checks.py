@@ -168,6 +168,15 @@ def check_scalar(
   return value
 
 
+def tree_all(predicate: Any, tree: PyTree) -> jax.Array:
+  """Whether ``predicate(leaf)`` (a boolean array) holds everywhere in ``tree``.
+
+  True for an empty tree.
+  """
+  leaves = [jnp.all(predicate(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def same_structure(a: PyTree, b: PyTree) -> bool:
   """Whether two pytrees have the same structure (node types and keys)."""
   # jaxlib's PyTreeDef has no type stub: its comparison is untyped.

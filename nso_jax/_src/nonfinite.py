@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nso_jax._src import checks
+
 
 class SkipNonfiniteState(NamedTuple):
   """State of :func:`skip_nonfinite`.
@@ -23,11 +25,6 @@ class SkipNonfiniteState(NamedTuple):
   inner_state: Any
   num_skipped: jax.Array
   last_finite: jax.Array
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def skip_nonfinite(
@@ -80,7 +77,9 @@ def skip_nonfinite(
     new_updates, new_inner = inner.update(
       updates, state.inner_state, params, **extra_args
     )
-    finite = _all_finite(updates) & _all_finite(new_updates)
+    finite = checks.tree_all(jnp.isfinite, updates) & checks.tree_all(
+      jnp.isfinite, new_updates
+    )
     new_updates = jax.tree.map(
       lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
     )

@@ -255,6 +255,26 @@ def _apply_to_rows(
   )
 
 
+def _sketching_setup(
+  matvec: Matvec,
+  template: PyTree,
+  key: checks.KeyLike,
+  num: int,
+  probe: str,
+  execution: str,
+  chunk_size: int | None,
+) -> tuple[operators.FlatOperator, Callable[[jax.Array], jax.Array], jax.Array]:
+  """Checks the arguments of Hutch++ and XTrace; their flat operator and rows."""
+  _probe_sampler(probe)
+  operators.check_template(template)
+  resolved = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  operator = operators.flatten_operator(matvec, template)
+  rows = functools.partial(
+    _apply_to_rows, operator, execution=resolved, chunk_size=chunk_size
+  )
+  return operator, rows, checks.canonicalize_key(key)
+
+
 def hutch_pp(
   matvec: Matvec,
   template: PyTree,
@@ -308,13 +328,8 @@ def hutch_pp(
     estimation", SOSA 2021.
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
-  _probe_sampler(probe)
-  operators.check_template(template)
-  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
-  operator = operators.flatten_operator(matvec, template)
-  key = checks.canonicalize_key(key)
-  rows = functools.partial(
-    _apply_to_rows, operator, execution=execution, chunk_size=chunk_size
+  operator, rows, key = _sketching_setup(
+    matvec, template, key, num, probe, execution, chunk_size
   )
   sketch_size = min(num // 3, operator.dim)
   num_probes = num - 2 * sketch_size
@@ -394,13 +409,8 @@ def xtrace(
     stochastic trace estimation", SIAM J. Matrix Anal. Appl., 2024.
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
-  _probe_sampler(probe)
-  operators.check_template(template)
-  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
-  operator = operators.flatten_operator(matvec, template)
-  key = checks.canonicalize_key(key)
-  rows = functools.partial(
-    _apply_to_rows, operator, execution=execution, chunk_size=chunk_size
+  operator, rows, key = _sketching_setup(
+    matvec, template, key, num, probe, execution, chunk_size
   )
   size = min(num // 2, operator.dim)
 

@@ -256,8 +256,7 @@ def _clean_gradient(
     out = grad_fn(params)
     return jax.tree.map(jnp.asarray, out[1] if has_value else out)
 
-  zero_leaves = [jnp.all(g == 0) for g in jax.tree.leaves(updates)]
-  all_zero = jnp.all(jnp.stack(zero_leaves)) if zero_leaves else jnp.asarray(True)
+  all_zero = checks.tree_all(lambda g: g == 0, updates)
   incoming = jax.tree.map(
     lambda g, c: jnp.asarray(g, c.dtype), updates, jax.eval_shape(compute)
   )
