@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import noise as noise_lib
+from nso_jax._src import selection
 
 GradFn = Callable[[Any], Any]
 
@@ -105,6 +106,7 @@ def noise_stability_gradient(
   has_value: bool = False,
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  param_filter: selection.ParamFilter = None,
 ) -> Any:
   r"""Estimates the gradient of the noise-smoothed loss at ``params``.
 
@@ -130,6 +132,10 @@ def noise_stability_gradient(
   * ``clean_weight=lam``: :math:`\lambda \nabla L(W) + (1 - \lambda) G`. The
     clean gradient is ``clean_gradient`` if given, else one more call to
     ``grad_fn``.
+  * ``param_filter``: perturb only the selected leaves (say, the weight
+    matrices of the layers being fine-tuned); the others are evaluated
+    unperturbed. The selected leaves' noise is the same, bit for bit, as
+    without a filter.
 
   Pair ``j`` draws its noise from ``jax.random.fold_in(key, j)`` alone, so the
   result does not depend on how the pairs are executed, up to the order of
@@ -174,6 +180,9 @@ def noise_stability_gradient(
     has_value: whether ``grad_fn`` returns ``(value, grads)``.
     execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
     chunk_size: pairs per step of the ``"map"`` strategy.
+    param_filter: the leaves to perturb: ``None`` (all), a pytree of Python
+      bools whose structure is a prefix of ``params``, or a function
+      ``(path, leaf) -> bool``, as the Hessian tools take it.
 
   Returns:
     The estimate ``G``, a pytree like ``params``; with ``has_value=True`` the
@@ -212,6 +221,7 @@ def noise_stability_gradient(
     "noise can only perturb floating-point "
     "parameters; keep non-trainable integer state out of them",
   )
+  perturbed = selection.selection_mask(params, param_filter)
   value_shape, grads_shape, grad_jaxpr = _check_gradient_structure(
     grad_fn, params, has_value
   )
@@ -230,12 +240,23 @@ def noise_stability_gradient(
     # never a silently different step (a negative sigma would act as |sigma|).
     sigma = jnp.where((sigma >= 0) & jnp.isfinite(sigma), sigma, jnp.nan)
 
+  leaves, treedef = jax.tree.flatten(params)
+
+  def shifted(step, noise_leaves):
+    return jax.tree.unflatten(
+      treedef,
+      [
+        step(w, u) if keep else w
+        for w, u, keep in zip(leaves, noise_leaves, perturbed, strict=True)
+      ],
+    )
+
   def pair_sum(index):
     z = noise_lib.sample_noise(jax.random.fold_in(key, index), params, noise)
-    u = jax.tree.map(lambda zi: zi * jnp.asarray(sigma, zi.dtype), z)
-    total = evaluate(jax.tree.map(jnp.add, params, u))
+    u = [zi * jnp.asarray(sigma, zi.dtype) for zi in jax.tree.leaves(z)]
+    total = evaluate(shifted(jnp.add, u))
     if not one_sided:
-      plus, minus = total, evaluate(jax.tree.map(jnp.subtract, params, u))
+      plus, minus = total, evaluate(shifted(jnp.subtract, u))
       total = jax.tree.map(jnp.add, plus, minus)
     return total
 

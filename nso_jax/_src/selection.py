@@ -13,7 +13,8 @@ from nso_jax._src.checks import PyTree
 ParamFilter = PyTree | Callable[[tuple[Any, ...], jax.Array], bool] | None
 
 
-def _selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
+def selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
+  """Whether each leaf of ``params`` (in leaf order) is selected."""
   leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
   if param_filter is None:
     return [True] * len(leaves_with_path)
@@ -54,7 +55,7 @@ def select(
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError("`params` is an empty pytree: it needs at least one array.")
-  mask = _selection_mask(params, param_filter)
+  mask = selection_mask(params, param_filter)
   if all(mask):
     return params, lambda selected: selected
   selected = jax.tree.unflatten(

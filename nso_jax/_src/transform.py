@@ -15,6 +15,7 @@ from nso_jax._src import checks
 from nso_jax._src import estimator
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import nonfinite
+from nso_jax._src import selection
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -57,6 +58,7 @@ def noise_stability(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   track_noise_resolution: bool = False,
+  param_filter: selection.ParamFilter = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the gradient by the noise stability (NSO) gradient.
 
@@ -120,6 +122,11 @@ def noise_stability(
     chunk_size: pairs per step of ``execution="map"`` (1: sequential).
     track_noise_resolution: measure ``state.noise_resolution`` for
       half-precision parameters (one more noise draw per step).
+    param_filter: the leaves to perturb: ``None`` (all), a pytree of Python
+      bools whose structure is a prefix of ``params``, or a function
+      ``(path, leaf) -> bool`` (the Hessian tools' ``param_filter``). The
+      other leaves are evaluated unperturbed; the optimizer still updates
+      them, with their gradient averaged over the perturbed evaluations.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -211,6 +218,7 @@ def noise_stability(
       has_value=has_value,
       execution=execution,
       chunk_size=chunk_size,
+      param_filter=param_filter,
     )
     value = state.value
     if has_value:
@@ -226,7 +234,9 @@ def noise_stability(
       count=optax.safe_increment(state.count),
       key=next_key,
       value=value,
-      noise_resolution=_noise_resolution(params, step_key, sigma_now, noise, track),
+      noise_resolution=_noise_resolution(
+        params, step_key, sigma_now, noise, track, param_filter
+      ),
     )
     return out, new_state
 
@@ -264,10 +274,19 @@ def _clean_gradient(
 
 
 def _noise_resolution(
-  params: Any, key: jax.Array, sigma: Any, noise: noise_lib.NoiseName, track: bool
+  params: Any,
+  key: jax.Array,
+  sigma: Any,
+  noise: noise_lib.NoiseName,
+  track: bool,
+  param_filter: selection.ParamFilter,
 ) -> Any:
-  """``|(W + U) - W|^2 / |U|^2`` over half-precision leaves, for pair 0."""
-  half = [jnp.dtype(jnp.result_type(p)).itemsize < 4 for p in jax.tree.leaves(params)]
+  """``|(W + U) - W|^2 / |U|^2`` over perturbed half-precision leaves, pair 0."""
+  perturbed = selection.selection_mask(params, param_filter)
+  half = [
+    keep and jnp.dtype(jnp.result_type(p)).itemsize < 4
+    for p, keep in zip(jax.tree.leaves(params), perturbed, strict=True)
+  ]
   if not any(half):
     return jnp.ones([], jnp.float32)
   if not track:
