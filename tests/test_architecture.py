@@ -10,16 +10,15 @@ NSO_CORE = {"estimator", "transform", "nonfinite"}
 CURVATURE = {
   "operators",
   "data_plans",
-  "selection",
   "stochastic_trace",
   "lanczos",
   "measures",
   "plotting",
 }
-FOUNDATION = {"checks", "batching", "noise"}
+FOUNDATION = {"checks", "batching", "noise", "selection"}
 # Each curvature layer imports only the layers below it.
 CURVATURE_ORDER = [
-  {"data_plans", "selection"},
+  {"data_plans"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
   {"measures", "plotting"},
