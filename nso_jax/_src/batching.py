@@ -13,6 +13,13 @@ in one of three ways, chosen by ``execution``:
   chunk;
 * ``"unroll"``: one after another in the compiled graph;
 * ``"auto"``: :func:`default_execution`, the one rule for both.
+
+Inside :func:`jax.shard_map` (or :func:`jax.pmap`), ``axis_name`` splits the
+indices over the devices of a mesh axis: device ``r`` of ``n`` evaluates
+``r, r + n, r + 2n, ...``, each in the way ``execution`` says, and one
+collective, a ``psum``, combines the results. Since ``fn`` sees the same
+global index on any mesh, the result does not depend on the number of
+devices beyond summation order.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 
 from nso_jax._src import checks
 
+AxisName = str | tuple[str, ...]
 Execution = Literal["auto", "vmap", "map", "unroll"]
 EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 
@@ -166,6 +174,117 @@ def _plan(
   return size, execution, chunk_size
 
 
+def check_axis_name(
+  axis_name: Any, name: str, *, bound: bool = True
+) -> tuple[str, ...]:
+  """The mesh axes ``axis_name`` names, checked to be bound here.
+
+  With ``bound=False`` only the names are checked (when building a
+  transformation, outside the mapped function).
+
+  Returns:
+    The axis names as a tuple (``()`` for ``None``).
+
+  Raises:
+    ValueError: when a name is not a string, or not an axis of the enclosing
+      :func:`jax.shard_map` or :func:`jax.pmap`.
+  """
+  if axis_name is None:
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if not isinstance(names, tuple) or not names:
+    raise TypeError(
+      f"`{name}` must be a mesh axis name or a tuple of them, got {axis_name!r}."
+    )
+  for axis in names:
+    if not isinstance(axis, str):
+      raise TypeError(f"`{name}` must name mesh axes with strings, got {axis!r}.")
+    if not bound:
+      continue
+    try:
+      jax.lax.psum(1, axis)
+    except NameError:
+      raise ValueError(
+        f"`{name}`={axis!r} is not an axis of the enclosing jax.shard_map or "
+        "jax.pmap: call this inside a function mapped over a mesh with that "
+        "axis (e.g. jax.shard_map(step, mesh=mesh, ...))."
+      ) from None
+  if len(set(names)) != len(names):
+    raise ValueError(f"`{name}` names an axis twice: {axis_name!r}.")
+  return names
+
+
+def axis_size(axes: tuple[str, ...]) -> int:
+  """The number of devices along ``axes`` (1 for none), a Python int."""
+  return int(jax.lax.psum(1, axes)) if axes else 1
+
+
+def device_index(axes: tuple[str, ...]) -> jax.Array:
+  """This device's index along ``axes``, row-major over them (0 for none)."""
+  return jax.lax.axis_index(axes) if axes else jnp.int32(0)
+
+
+def _varying_axes(aval: Any) -> frozenset[str]:
+  """The manual mesh axes over which a value (or its shape) may vary."""
+  manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # JAX < 0.9; none before 0.6.1
+
+
+def _mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """``x``, typed as varying over ``axes`` as well, as ``shard_map`` asks."""
+  missing = tuple(a for a in axes if a not in _varying_axes(jax.typeof(x)))
+  if not missing:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)  # JAX < 0.9
+
+
+def psum_varying(tree: Any, axes: tuple[str, ...]) -> Any:
+  """``psum`` over ``axes``, one collective, of values that may be invariant.
+
+  A value the same on every device of an axis (say, a gradient that depends
+  only on the data shard, summed over the pair axis as well) is marked
+  varying first, as ``shard_map``'s type checks ask.
+  """
+  if not axes:
+    return tree
+  return jax.lax.psum(jax.tree.map(lambda x: _mark_varying(x, axes), tree), axes)
+
+
+def _zeros(shape: Any) -> jax.Array:
+  """Zeros of ``shape`` (from ``jax.eval_shape``), varying where it varies."""
+  zeros = jnp.zeros(shape.shape, shape.dtype)
+  return _mark_varying(zeros, tuple(sorted(_varying_axes(shape))))
+
+
+def _on_this_device(
+  fn: Callable[[jax.Array], Any], size: int, axes: tuple[str, ...]
+) -> tuple[Callable[[jax.Array], Any], int]:
+  """``fn`` over this device's share of ``0 .. size - 1``, and its length.
+
+  Device ``r`` of ``n`` takes the global indices ``r + i n``; where ``n``
+  does not divide ``size``, the last ones run past ``size - 1``: they
+  evaluate ``fn(size - 1)`` and give zeros.
+  """
+  num_devices = axis_size(axes)
+  if num_devices == 1:
+    return fn, size
+  local_size = -(-size // num_devices)
+  first = device_index(axes)
+
+  def local_fn(i: jax.Array) -> Any:
+    index = first + i * num_devices
+    if size % num_devices == 0:
+      return fn(index)
+    out = fn(jnp.minimum(index, size - 1))
+    return jax.tree.map(lambda x: jnp.where(index < size, x, jnp.zeros_like(x)), out)
+
+  return local_fn, local_size
+
+
 def _tree_add(a: Any, b: Any) -> Any:
   return jax.tree.map(jnp.add, a, b)
 
@@ -180,6 +299,7 @@ def sum_indices(
   *,
   execution: Execution = "auto",
   chunk_size: int | None = None,
+  axis_name: AxisName | None = None,
 ) -> Any:
   """The sum of ``fn(i)`` over ``i = 0 .. size - 1``, run as ``execution`` says.
 
@@ -190,11 +310,15 @@ def sum_indices(
   Args:
     fn: maps an int32 index to a pytree of arrays.
     size: the number of indices, at least 1.
-    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
+    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``, for each
+      device's share.
     chunk_size: indices per step of ``"map"`` (default 1).
+    axis_name: inside ``shard_map``, the mesh axis (or axes) whose devices
+      split the indices; the partial sums are combined by one ``psum``.
 
   Returns:
-    The sum, a pytree like ``fn``'s output.
+    The sum, a pytree like ``fn``'s output (the same on every device of
+    ``axis_name``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -202,6 +326,23 @@ def sum_indices(
     >>> batching.sum_indices(lambda i: i**2, 4, execution="map", chunk_size=3)
     Array(14, dtype=int32)
   """
+  axes = check_axis_name(axis_name, "axis_name")
+  return psum_varying(
+    partial_sum_indices(fn, size, execution, chunk_size, axes=axes), axes
+  )
+
+
+def partial_sum_indices(
+  fn: Callable[[jax.Array], Any],
+  size: int,
+  execution: Any,
+  chunk_size: Any,
+  *,
+  axes: tuple[str, ...] = (),
+) -> Any:
+  """This device's share of :func:`sum_indices`, before the ``psum``."""
+  size = checks.check_positive_int(size, "size")
+  fn, size = _on_this_device(fn, size, axes)
   size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
   if execution == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
@@ -217,7 +358,7 @@ def sum_indices(
     total = step_fn(chunk_indices[0])
   else:
     shapes = jax.eval_shape(step_fn, chunk_indices[0])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zeros = jax.tree.map(_zeros, shapes)
     total, _ = jax.lax.scan(
       lambda carry, i: (_tree_add(carry, step_fn(i)), None), zeros, chunk_indices
     )
@@ -232,6 +373,7 @@ def map_indices(
   *,
   execution: Execution = "auto",
   chunk_size: int | None = None,
+  axis_name: AxisName | None = None,
 ) -> Any:
   """``fn(i)`` for ``i = 0 .. size - 1``, stacked on a new leading axis.
 
@@ -241,17 +383,45 @@ def map_indices(
   Args:
     fn: maps an int32 index to a pytree of arrays.
     size: the number of indices, at least 1.
-    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
+    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``, for each
+      device's share.
     chunk_size: indices per step of ``"map"`` (default 1).
+    axis_name: inside ``shard_map``, the mesh axis (or axes) whose devices
+      split the indices; one ``psum`` of the results, each placed at its
+      indices, stacks them in index order.
 
   Returns:
-    A pytree like ``fn``'s output, each leaf with a leading axis of ``size``.
+    A pytree like ``fn``'s output, each leaf with a leading axis of ``size``
+    (the same on every device of ``axis_name``).
 
   Example:
     >>> from nso_jax import batching
     >>> batching.map_indices(lambda i: 2 * i, 3, execution="vmap")
     Array([0, 2, 4], dtype=int32)
   """
+  axes = check_axis_name(axis_name, "axis_name")
+  size = checks.check_positive_int(size, "size")
+  if axis_size(axes) == 1:
+    return _map_here(fn, size, execution, chunk_size)
+  local_fn, local_size = _on_this_device(fn, size, axes)
+  local = _map_here(local_fn, local_size, execution, chunk_size)
+
+  num_devices, column = axis_size(axes), device_index(axes)
+
+  def place(x: jax.Array) -> jax.Array:
+    # Row i, column r of (local, devices, ...) holds global index r + i *
+    # devices: flattened, that is index order. Summing the placements gathers
+    # them with a result the same on every device.
+    placed = jnp.zeros((x.shape[0], num_devices, *x.shape[1:]), x.dtype)
+    return placed.at[:, column].set(x)
+
+  gathered = psum_varying(jax.tree.map(place, local), axes)
+  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:size], gathered)
+
+
+def _map_here(
+  fn: Callable[[jax.Array], Any], size: int, execution: Any, chunk_size: Any
+) -> Any:
   size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
   indices = jnp.arange(size)
   if execution == "vmap":

@@ -92,6 +92,25 @@ def _check_gradient_structure(grad_fn, params, has_value):
   return value_shape, grads_shape, jaxpr.jaxpr
 
 
+def check_axes(
+  pair_axis: Any, data_axis: Any, per_shard_noise: Any, *, bound: bool = True
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Checks the mesh axes of the pairs and the data (see ``check_axis_name``)."""
+  pair_axes = batching.check_axis_name(pair_axis, "pair_axis", bound=bound)
+  data_axes = batching.check_axis_name(data_axis, "data_axis", bound=bound)
+  if set(pair_axes) & set(data_axes):
+    raise ValueError(
+      f"`pair_axis`={pair_axis!r} and `data_axis`={data_axis!r} share an axis: "
+      "a device either splits the pairs or the batch along each axis."
+    )
+  if checks.check_bool(per_shard_noise, "per_shard_noise") and not data_axes:
+    raise ValueError(
+      "`per_shard_noise`=True draws each data shard's pairs from its own key: "
+      "it needs `data_axis`, the mesh axis over which the batch is split."
+    )
+  return pair_axes, data_axes
+
+
 def noise_stability_gradient(
   grad_fn: GradFn,
   params: Any,
@@ -107,6 +126,9 @@ def noise_stability_gradient(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   param_filter: selection.ParamFilter = None,
+  pair_axis: batching.AxisName | None = None,
+  data_axis: batching.AxisName | None = None,
+  per_shard_noise: bool = False,
 ) -> Any:
   r"""Estimates the gradient of the noise-smoothed loss at ``params``.
 
@@ -136,6 +158,25 @@ def noise_stability_gradient(
     matrices of the layers being fine-tuned); the others are evaluated
     unperturbed. The selected leaves' noise is the same, bit for bit, as
     without a filter.
+
+  On several devices, inside :func:`jax.shard_map` (see the multi-device
+  guide):
+
+  * ``pair_axis``: the devices of this mesh axis split the ``k`` pairs (pair
+    ``j`` runs on device ``j mod n``), all on the same batch. Since pair
+    ``j``'s noise depends only on ``(key, j)``, the estimate does not depend
+    on the number of devices. When ``n`` does not divide ``k``, the devices
+    run ``ceil(k / n)`` pairs each, the surplus evaluated and discarded.
+  * ``data_axis``: the batch is split over this axis (or axes): ``grad_fn``
+    returns the gradient of this device's shard of the batch, and the
+    estimate is the mean over the shards. One ``psum`` over the data and
+    pair axes together combines everything (with ``clean_weight > 0`` and
+    no ``clean_gradient``, a second one averages the clean gradient).
+  * ``per_shard_noise=True``: each data shard draws its own ``k`` pairs
+    from ``fold_in(key, shard)``, so ``n`` shards average ``n k`` pairs at
+    the cost of ``k`` (what data-parallel implementations of NSO and SAM's
+    per-device perturbations do). This is a different estimator: it changes
+    with the number of shards.
 
   Pair ``j`` draws its noise from ``jax.random.fold_in(key, j)`` alone, so the
   result does not depend on how the pairs are executed, up to the order of
@@ -183,6 +224,11 @@ def noise_stability_gradient(
     param_filter: the leaves to perturb: ``None`` (all), a pytree of Python
       bools whose structure is a prefix of ``params``, or a function
       ``(path, leaf) -> bool``, as the Hessian tools take it.
+    pair_axis: a mesh axis name (or a tuple of them) whose devices split the
+      pairs; inside ``shard_map`` only.
+    data_axis: the mesh axis name(s) over which the batch is split;
+      ``grad_fn`` returns the local gradient, without a ``pmean``.
+    per_shard_noise: each shard of ``data_axis`` draws its own pairs.
 
   Returns:
     The estimate ``G``, a pytree like ``params``; with ``has_value=True`` the
@@ -222,12 +268,16 @@ def noise_stability_gradient(
     "parameters; keep non-trainable integer state out of them",
   )
   perturbed = selection.selection_mask(params, param_filter)
+  pair_axes, data_axes = check_axes(pair_axis, data_axis, per_shard_noise)
+  if per_shard_noise:
+    key = jax.random.fold_in(key, batching.device_index(data_axes))
   value_shape, grads_shape, grad_jaxpr = _check_gradient_structure(
     grad_fn, params, has_value
   )
   if execution == "auto":
+    pairs_here = -(-k // batching.axis_size(pair_axes))
     execution = batching.default_execution(
-      convolutional=batching.jaxpr_convolves(grad_jaxpr), size=k
+      convolutional=batching.jaxpr_convolves(grad_jaxpr), size=pairs_here
     )
 
   def evaluate(w):
@@ -260,14 +310,17 @@ def noise_stability_gradient(
       total = jax.tree.map(jnp.add, plus, minus)
     return total
 
-  total = batching.sum_indices(pair_sum, k, execution=execution, chunk_size=chunk_size)
+  total = batching.partial_sum_indices(
+    pair_sum, k, execution, chunk_size, axes=pair_axes
+  )
+  value_sum, grad_sum = batching.psum_varying(total, data_axes + pair_axes)
   num_evaluations = k if one_sided else 2 * k
-  value_sum, grad_sum = total
-  scale = 1.0 / num_evaluations
+  scale = 1.0 / (num_evaluations * batching.axis_size(data_axes))
   grads = jax.tree.map(lambda g: g * scale, grad_sum)
   if isinstance(clean_weight, jax.Array) or clean_weight > 0.0:
     if clean_gradient is None:
-      clean = evaluate(params)[1]
+      clean = batching.psum_varying(evaluate(params)[1], data_axes)
+      clean = jax.tree.map(lambda c: c / batching.axis_size(data_axes), clean)
     else:
       clean = _to_accumulator(clean_gradient)
     lam = clean_weight

@@ -345,6 +345,7 @@ def stochastic_lanczos_quadrature(
   bounds: tuple[float, float] | None = None,
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> SpectralDensity:
   r"""The smoothed eigenvalue density of a symmetric operator by SLQ.
 
@@ -379,6 +380,9 @@ def stochastic_lanczos_quadrature(
       select that always runs (a fresh vector orthogonalised against the
       basis), so batching pays off only where matvecs dominate.
     chunk_size: probes per step of ``execution="map"`` (default 1).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the probes; the same key gives the same estimate on any
+      number of devices, up to rounding.
 
   Returns:
     A :class:`SpectralDensity`; plot it with :func:`plot_spectral_density`.
@@ -430,9 +434,15 @@ def stochastic_lanczos_quadrature(
     )
     return nodes, coordinates[0] ** 2
 
-  execution = batching.resolve_execution(execution, num_probes, quadrature)
+  axes = batching.check_axis_name(probe_axis, "probe_axis")
+  per_device = -(-num_probes // batching.axis_size(axes))
+  execution = batching.resolve_execution(execution, per_device, quadrature)
   nodes, weights = batching.map_indices(
-    quadrature, num_probes, execution=execution, chunk_size=chunk_size
+    quadrature,
+    num_probes,
+    execution=execution,
+    chunk_size=chunk_size,
+    axis_name=probe_axis,
   )
   dtype = nodes.dtype
   if bounds is None:

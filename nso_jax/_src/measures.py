@@ -37,6 +37,7 @@ def trace(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   param_filter: ParamFilter = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> stochastic_trace.TraceEstimate:
   r"""The trace of the loss Hessian, with its standard error.
 
@@ -64,6 +65,8 @@ def trace(
     chunk_size: probes per step of ``execution="map"`` (default 1).
     param_filter: restricts to some leaves, e.g. one layer (see
       :func:`hessian_operator`).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
   Returns:
     A :class:`~nso_jax.hessian.TraceEstimate` ``(value, stderr, num_matvecs)``.
@@ -99,6 +102,7 @@ def trace(
       rtol=rtol,
       execution=execution,
       chunk_size=chunk_size,
+      probe_axis=probe_axis,
     )
   estimator = (
     stochastic_trace.hutch_pp if method == "hutch++" else stochastic_trace.xtrace
@@ -110,6 +114,7 @@ def trace(
     probe=probe,
     execution=execution,
     chunk_size=chunk_size,
+    probe_axis=probe_axis,
   )
 
 
@@ -277,6 +282,7 @@ def spectral_density(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   param_filter: ParamFilter = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> lanczos.SpectralDensity:
   """The smoothed eigenvalue density of the loss Hessian (SLQ).
 
@@ -299,6 +305,8 @@ def spectral_density(
       :func:`~nso_jax.hessian.stochastic_lanczos_quadrature`).
     chunk_size: probes per step of ``execution="map"`` (default 1).
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
   Returns:
     A :class:`~nso_jax.hessian.SpectralDensity`.
@@ -326,4 +334,5 @@ def spectral_density(
     bounds=bounds,
     execution=execution,
     chunk_size=chunk_size,
+    probe_axis=probe_axis,
   )

@@ -63,10 +63,21 @@ def _flat_probes(
 
 
 def resolve_probe_execution(
-  execution: str, chunk_size: int | None, num: int, matvec: Matvec, template: PyTree
+  execution: str,
+  chunk_size: int | None,
+  num: int,
+  matvec: Matvec,
+  template: PyTree,
+  probe_axis: batching.AxisName | None = None,
 ) -> batching.Execution:
-  """Checks ``execution`` and resolves ``"auto"`` for ``num`` products."""
+  """Checks ``execution`` and resolves ``"auto"`` for ``num`` products.
+
+  With ``probe_axis``, ``num`` is split over its devices and the rule sees
+  one device's share.
+  """
   execution, chunk_size = batching.check_execution(execution, chunk_size)
+  axes = batching.check_axis_name(probe_axis, "probe_axis")
+  num = -(-num // batching.axis_size(axes))
   zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), template)
   resolved = batching.resolve_execution(execution, num, lambda _: matvec(zeros))
   batching.check_unrolled_size(resolved, num)
@@ -99,6 +110,7 @@ def hutchinson(
   rtol: float | None = None,
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> TraceEstimate:
   r"""Hutchinson's trace estimator with its standard error.
 
@@ -137,6 +149,9 @@ def hutchinson(
       ``"auto"`` runs them one at a time on CPU (least memory, and fastest on
       a 2-core CPU) and all at once on accelerators.
     chunk_size: probes per step of ``execution="map"`` (default 1).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the probes (not with ``rtol``); the same key gives the
+      same estimate on any number of devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -166,7 +181,14 @@ def hutchinson(
   sampler = _probe_sampler(probe)
   rtol = _check_rtol(rtol)
   operators.check_template(template)
-  execution = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  if rtol is not None and probe_axis is not None:
+    raise ValueError(
+      "`rtol` stops after a data-dependent number of probes, which cannot be "
+      f"split over `probe_axis`={probe_axis!r}: pass one or the other."
+    )
+  execution = resolve_probe_execution(
+    execution, chunk_size, num, matvec, template, probe_axis
+  )
   key = checks.canonicalize_key(key)
 
   def quadratic_form(probe_key: jax.Array) -> jax.Array:
@@ -179,6 +201,7 @@ def hutchinson(
       num,
       execution=execution,
       chunk_size=chunk_size,
+      axis_name=probe_axis,
     )
     mean, stderr = _mean_and_stderr(samples)
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
@@ -245,6 +268,7 @@ def _apply_to_rows(
   rows: jax.Array,
   execution: batching.Execution,
   chunk_size: int | None,
+  probe_axis: batching.AxisName | None,
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""
   return batching.map_indices(
@@ -252,6 +276,7 @@ def _apply_to_rows(
     rows.shape[0],
     execution=execution,
     chunk_size=chunk_size,
+    axis_name=probe_axis,
   )
 
 
@@ -263,14 +288,21 @@ def _sketching_setup(
   probe: str,
   execution: str,
   chunk_size: int | None,
+  probe_axis: batching.AxisName | None,
 ) -> tuple[operators.FlatOperator, Callable[[jax.Array], jax.Array], jax.Array]:
   """Checks the arguments of Hutch++ and XTrace; their flat operator and rows."""
   _probe_sampler(probe)
   operators.check_template(template)
-  resolved = resolve_probe_execution(execution, chunk_size, num, matvec, template)
+  resolved = resolve_probe_execution(
+    execution, chunk_size, num, matvec, template, probe_axis
+  )
   operator = operators.flatten_operator(matvec, template)
   rows = functools.partial(
-    _apply_to_rows, operator, execution=resolved, chunk_size=chunk_size
+    _apply_to_rows,
+    operator,
+    execution=resolved,
+    chunk_size=chunk_size,
+    probe_axis=probe_axis,
   )
   return operator, rows, checks.canonicalize_key(key)
 
@@ -284,6 +316,7 @@ def hutch_pp(
   probe: str = "rademacher",
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> TraceEstimate:
   r"""Hutch++: Hutchinson after deflating a randomised low-rank sketch.
 
@@ -310,6 +343,9 @@ def hutch_pp(
     probe: ``"rademacher"`` (default) or ``"normal"``.
     execution: how the products run (see :func:`hutchinson`).
     chunk_size: products per step of ``execution="map"`` (default 1).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the products; the same key gives the same estimate on any
+      number of devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -329,7 +365,7 @@ def hutch_pp(
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
   operator, rows, key = _sketching_setup(
-    matvec, template, key, num, probe, execution, chunk_size
+    matvec, template, key, num, probe, execution, chunk_size, probe_axis
   )
   sketch_size = min(num // 3, operator.dim)
   num_probes = num - 2 * sketch_size
@@ -355,6 +391,7 @@ def xtrace(
   probe: str = "rademacher",
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
+  probe_axis: batching.AxisName | None = None,
 ) -> TraceEstimate:
   r"""XTrace: the exchangeable, leave-one-out version of Hutch++.
 
@@ -391,6 +428,9 @@ def xtrace(
     probe: ``"rademacher"`` (default) or ``"normal"``.
     execution: how the products run (see :func:`hutchinson`).
     chunk_size: products per step of ``execution="map"`` (default 1).
+    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
+      devices split the products; the same key gives the same estimate on any
+      number of devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -410,7 +450,7 @@ def xtrace(
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
   operator, rows, key = _sketching_setup(
-    matvec, template, key, num, probe, execution, chunk_size
+    matvec, template, key, num, probe, execution, chunk_size, probe_axis
   )
   size = min(num // 2, operator.dim)
 

@@ -59,6 +59,9 @@ def noise_stability(
   chunk_size: int | None = None,
   track_noise_resolution: bool = False,
   param_filter: selection.ParamFilter = None,
+  pair_axis: batching.AxisName | None = None,
+  data_axis: batching.AxisName | None = None,
+  per_shard_noise: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the gradient by the noise stability (NSO) gradient.
 
@@ -127,6 +130,17 @@ def noise_stability(
       ``(path, leaf) -> bool`` (the Hessian tools' ``param_filter``). The
       other leaves are evaluated unperturbed; the optimizer still updates
       them, with their gradient averaged over the perturbed evaluations.
+    pair_axis: inside :func:`jax.shard_map`, the mesh axis whose devices
+      split the pairs; the update does not depend on its size.
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which the batch is split: ``grad_fn`` returns the local gradient and
+      the update averages it over the shards, in the same single ``psum`` as
+      the pairs. A clean gradient passed to ``update`` must already be that
+      mean; one computed here is averaged (a second ``psum``).
+    per_shard_noise: each shard of ``data_axis`` draws its own pairs
+      (``fold_in(key, shard)``): ``n`` shards average ``n k`` pairs. It
+      changes with the number of shards; see
+      :func:`nso_jax.noise_stability_gradient`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -176,6 +190,7 @@ def noise_stability(
   track = checks.check_bool(track_noise_resolution, "track_noise_resolution")
   clean_weight = estimator.check_clean_weight(clean_weight)
   batching.check_execution(execution, chunk_size)
+  estimator.check_axes(pair_axis, data_axis, per_shard_noise, bound=False)
   key = checks.canonicalize_key(key)
 
   def init_fn(params):
@@ -204,7 +219,9 @@ def noise_stability(
       )
     step_key, next_key = jax.random.split(state.key)
     sigma_now = sigma(state.count) if callable(sigma) else sigma
-    clean = _clean_gradient(updates, params, grad_fn, clean_weight, has_value)
+    clean = _clean_gradient(
+      updates, params, grad_fn, clean_weight, has_value, data_axis
+    )
     out = estimator.noise_stability_gradient(
       grad_fn,
       params,
@@ -219,6 +236,9 @@ def noise_stability(
       execution=execution,
       chunk_size=chunk_size,
       param_filter=param_filter,
+      pair_axis=pair_axis,
+      data_axis=data_axis,
+      per_shard_noise=per_shard_noise,
     )
     value = state.value
     if has_value:
@@ -244,7 +264,12 @@ def noise_stability(
 
 
 def _clean_gradient(
-  updates: Any, params: Any, grad_fn: Any, clean_weight: Any, has_value: bool
+  updates: Any,
+  params: Any,
+  grad_fn: Any,
+  clean_weight: Any,
+  has_value: bool,
+  data_axis: Any = None,
 ) -> Any:
   """The clean gradient to mix in: the incoming one, or ``None`` to compute it.
 
@@ -262,9 +287,13 @@ def _clean_gradient(
       f"{jax.tree.structure(updates)} for {jax.tree.structure(params)}."
     )
 
+  data_axes = batching.check_axis_name(data_axis, "data_axis")
+
   def compute() -> Any:
     out = grad_fn(params)
-    return jax.tree.map(jnp.asarray, out[1] if has_value else out)
+    local = jax.tree.map(jnp.asarray, out[1] if has_value else out)
+    total = batching.psum_varying(local, data_axes)
+    return jax.tree.map(lambda g: g / batching.axis_size(data_axes), total)
 
   all_zero = checks.tree_all(lambda g: g == 0, updates)
   incoming = jax.tree.map(
