@@ -232,7 +232,7 @@ def _varying_axes(aval: Any) -> frozenset[str]:
   return frozenset(getattr(aval, "vma", ()))  # JAX < 0.9; none before 0.6.1
 
 
-def _mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """``x``, typed as varying over ``axes`` as well, as ``shard_map`` asks."""
   missing = tuple(a for a in axes if a not in _varying_axes(jax.typeof(x)))
   if not missing:
@@ -240,6 +240,15 @@ def _mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   if hasattr(jax.lax, "pcast"):
     return jax.lax.pcast(x, missing, to="varying")
   return jax.lax.pvary(x, missing)  # JAX < 0.9
+
+
+def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x``, typed as varying over the mesh axes ``like`` varies over.
+
+  Inside ``shard_map``, loop carries and ``cond`` branches must agree on
+  this type: a buffer of zeros that will hold per-device values is marked.
+  """
+  return mark_varying(x, tuple(sorted(_varying_axes(jax.typeof(like)))))
 
 
 def psum_varying(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -251,13 +260,13 @@ def psum_varying(tree: Any, axes: tuple[str, ...]) -> Any:
   """
   if not axes:
     return tree
-  return jax.lax.psum(jax.tree.map(lambda x: _mark_varying(x, axes), tree), axes)
+  return jax.lax.psum(jax.tree.map(lambda x: mark_varying(x, axes), tree), axes)
 
 
 def _zeros(shape: Any) -> jax.Array:
   """Zeros of ``shape`` (from ``jax.eval_shape``), varying where it varies."""
   zeros = jnp.zeros(shape.shape, shape.dtype)
-  return _mark_varying(zeros, tuple(sorted(_varying_axes(shape))))
+  return mark_varying(zeros, tuple(sorted(_varying_axes(shape))))
 
 
 def _on_this_device(

@@ -281,6 +281,10 @@ def noise_stability_gradient(
     )
 
   def evaluate(w):
+    # Parameters typed as varying over the data axes make `jax.grad` inside
+    # `grad_fn` return this shard's gradient; replicated ones would make it
+    # all-reduce the gradient of every evaluation on its own.
+    w = jax.tree.map(lambda x: batching.mark_varying(x, data_axes), w)
     out = grad_fn(w)
     value, grads = out if has_value else (None, out)
     return _to_accumulator(value), _to_accumulator(grads)

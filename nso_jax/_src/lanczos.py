@@ -144,7 +144,8 @@ def lanczos_tridiag(
     def restart(_):
       fresh = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
       fresh = orthogonalise(fresh, basis)
-      return fresh / jnp.linalg.norm(fresh), jnp.zeros((), dtype)
+      fresh = fresh / jnp.linalg.norm(fresh)
+      return fresh, batching.vary_like(jnp.zeros((), dtype), beta)
 
     def proceed(_):
       return w / jnp.where(beta > 0, beta, 1), beta
@@ -158,7 +159,9 @@ def lanczos_tridiag(
 
   # A spare row and entry take the residual of the last step (then dropped).
   basis = jnp.zeros((num_steps + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-  init = (basis, jnp.zeros(num_steps, dtype), jnp.zeros(num_steps, dtype))
+  # Inside shard_map, a start that varies across devices makes every carry vary.
+  zeros = batching.vary_like(jnp.zeros(num_steps, dtype), v0)
+  init = (batching.vary_like(basis, v0), zeros, zeros)
   basis, diagonal, off_diagonal = jax.lax.fori_loop(0, num_steps, body, init)
   return Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
 

@@ -1,0 +1,253 @@
+"""NSO and the Hessian tools on meshes of 8 simulated CPU devices.
+
+Run by tests/test_scaleout.py in a fresh process (the device count must be
+set before JAX starts). Prints a JSON report on stdout: relative differences
+from one device, and the collectives in the compiled steps.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import json
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import nso_jax
+from nso_jax import hessian
+
+MESHES = [(8, 1), (1, 8), (4, 2), (2, 4)]
+NUM_STEPS = 3
+SIGMA = 0.05
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
+
+
+def loss(params, x, y):
+  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((hidden @ params["w2"] - y) ** 2)
+
+
+def make_problem():
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "w1": jax.random.normal(keys[0], (6, 16)) / 6**0.5,
+    "b1": jnp.zeros(16),
+    "w2": jax.random.normal(keys[1], (16,)) / 4.0,
+  }
+  x = jax.random.normal(keys[2], (64, 6))
+  y = jnp.sin(x.sum(axis=1))
+  return params, x, y
+
+
+def relative(a, b):
+  """``|a - b| / |b|`` over all leaves (Euclidean norms)."""
+  diff = sum(
+    float(np.sum((np.asarray(u, np.float64) - np.asarray(v, np.float64)) ** 2))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+  norm = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(b))
+  return (diff / norm) ** 0.5
+
+
+def count_collectives(compiled_text):
+  counts = {}
+  for op in COLLECTIVES:
+    # An op is `name(` or its asynchronous `name-start(`.
+    counts[op] = len(re.findall(rf" {op}(?:-start)?\(", compiled_text))
+  return counts
+
+
+def mesh_of(shape):
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh(shape, ("data", "noise"), axis_types=auto)
+
+
+def single_device_trajectory(tx, params, x, y):
+  @jax.jit
+  def step(params, opt_state):
+    grad_fn = lambda p: jax.grad(loss)(p, x, y)
+    updates, opt_state = tx.update(None, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  path, opt_state = [params], tx.init(params)
+  for _ in range(NUM_STEPS):
+    params, opt_state = step(params, opt_state)
+    path.append(params)
+  return path
+
+
+def mesh_step(mesh, tx):
+  """One NSO step written per device: the batch split over `data`, the pairs
+  over `noise`; parameters and optimizer state replicated inside."""
+
+  @partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(), P("data"), P("data")),
+    out_specs=(P(), P()),
+  )
+  def step(params, opt_state, x, y):
+    grad_fn = lambda p: jax.grad(loss)(p, x, y)  # this shard's gradient
+    updates, opt_state = tx.update(None, opt_state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def nso_on_meshes(params, x, y):
+  report = {}
+  both = ("data", "noise")
+  param_specs = {"w1": P(None, both), "b1": P(both), "w2": P()}
+  for k in (5, 8):  # 5: not a multiple of the pair axis's size (2, 4 or 8)
+    make_tx = partial(nso_jax.nso, optax.sgd(0.1, momentum=0.9), SIGMA, k, key=0)
+    reference = single_device_trajectory(make_tx(), params, x, y)
+    for shape in MESHES:
+      mesh = mesh_of(shape)
+      tx = make_tx(pair_axis="noise", data_axis="data")
+      inner = mesh_step(mesh, tx)
+      for layout in ("replicated", "sharded"):
+        specs = param_specs if layout == "sharded" else {name: P() for name in params}
+        # Sharded: stored split over all 8 devices (FSDP-style), gathered by
+        # shard_map for the step and split again after it.
+        shardings = {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
+
+        @jax.jit
+        def step(params, opt_state, x, y, shardings=shardings, inner=inner):
+          params, opt_state = inner(params, opt_state, x, y)
+          return jax.lax.with_sharding_constraint(params, shardings), opt_state
+
+        by_example = NamedSharding(mesh, P("data"))
+        placed_x = jax.device_put(x, by_example)
+        placed_y = jax.device_put(y, by_example)
+        current = jax.device_put(params, shardings)
+        opt_state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+        name = f"k{k}_{shape[0]}x{shape[1]}_{layout}"
+        errors = []
+        for t in range(NUM_STEPS):
+          previous = current
+          current, opt_state = step(current, opt_state, placed_x, placed_y)
+          update = jax.tree.map(jnp.subtract, current, previous)
+          expected = jax.tree.map(jnp.subtract, reference[t + 1], reference[t])
+          errors.append(relative(update, expected))
+        text = step.lower(current, opt_state, placed_x, placed_y).compile().as_text()
+        report[name] = {
+          "update_relative_errors": errors,
+          "params_relative_error": relative(current, reference[-1]),
+          "devices": len(current["b1"].sharding.device_set),
+          "collectives": count_collectives(text),
+        }
+  return report
+
+
+def per_shard_noise(params, x, y):
+  """Each data shard draws its own pairs: against the formula on one device."""
+  mesh, k, key = mesh_of((4, 2)), 3, jax.random.key(5)
+  estimate = partial(nso_jax.noise_stability_gradient, sigma=SIGMA, num_perturbations=k)
+
+  @jax.jit
+  @partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P("data"), P("data")),
+    out_specs=(P(), P()),
+  )
+  def on_mesh(params, x, y):
+    grad_fn = lambda p: jax.grad(loss)(p, x, y)
+    axes = {"pair_axis": "noise", "data_axis": "data"}
+    return (
+      estimate(grad_fn, params, key, per_shard_noise=True, **axes),
+      estimate(grad_fn, params, key, **axes),
+    )
+
+  per_shard, shared = on_mesh(params, x, y)
+  shards = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
+  formula = jax.tree.map(
+    lambda *g: sum(g) / 4,
+    *[
+      estimate(
+        lambda p, xs=xs, ys=ys: jax.grad(loss)(p, xs, ys),
+        params,
+        jax.random.fold_in(key, shard),
+      )
+      for shard, (xs, ys) in enumerate(shards)
+    ],
+  )
+  single = estimate(lambda p: jax.grad(loss)(p, x, y), params, key)
+  return {
+    "per_shard_vs_formula": relative(per_shard, formula),
+    "per_shard_vs_shared_noise": relative(per_shard, single),
+    "shared_vs_single": relative(shared, single),
+  }
+
+
+def hessian_on_meshes(params, x, y):
+  """Trace (three estimators), SLQ and top eigenvalues: the data split over
+  `data` (the loss is the pmean of the shards' losses), the probes over
+  `noise`; against one device with the same key."""
+  key = jax.random.key(9)
+  mean_loss = lambda p, batch: loss(p, *batch)
+
+  def estimates(loss_fn, batch, probe_axis):
+    trace = {
+      method: hessian.trace(
+        loss_fn,
+        params,
+        batch,
+        key,
+        num_matvecs=30,
+        method=method,
+        probe_axis=probe_axis,
+      ).value
+      for method in ("hutchinson", "hutch++", "xtrace")
+    }
+    density = hessian.spectral_density(
+      loss_fn, params, batch, key, num_probes=5, num_steps=20, probe_axis=probe_axis
+    )
+    top = hessian.top_eigenvalues(loss_fn, params, batch, key, num_eigenvalues=3)
+    return trace, density.density, top
+
+  reference = jax.jit(lambda: estimates(mean_loss, (x, y), None))()
+  report = {}
+  for shape in MESHES:
+    mesh = mesh_of(shape)
+
+    @jax.jit
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
+    def on_mesh(x, y):
+      sharded_loss = lambda p, batch: jax.lax.pmean(mean_loss(p, batch), "data")
+      return estimates(sharded_loss, (x, y), "noise")
+
+    trace, density, top = on_mesh(x, y)
+    report[f"{shape[0]}x{shape[1]}"] = {
+      **{f"trace_{m}": relative(trace[m], reference[0][m]) for m in trace},
+      "density": relative(density, reference[1]),
+      "top_eigenvalues": relative(top, reference[2]),
+    }
+  return report
+
+
+def main():
+  params, x, y = make_problem()
+  print(
+    json.dumps(
+      {
+        "num_devices": jax.device_count(),
+        "nso": nso_on_meshes(params, x, y),
+        "per_shard_noise": per_shard_noise(params, x, y),
+        "hessian": hessian_on_meshes(params, x, y),
+      }
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,73 @@
+"""NSO's pairs and the Hessian probes across devices: 8 simulated CPU devices.
+
+The worker runs in a fresh process (the device count is fixed when JAX
+starts) on meshes ``data x noise`` of 8x1, 1x8, 4x2 and 2x4, and compares
+with one device.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+MESHES = ("8x1", "1x8", "4x2", "2x4")
+
+
+@pytest.fixture(scope="module")
+def report():
+  worker = pathlib.Path(__file__).parent / "scaleout_worker.py"
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  result = subprocess.run(
+    [sys.executable, str(worker)], capture_output=True, text=True, env=env
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("k", [5, 8])
+def test_nso_steps_on_a_mesh_equal_one_devices(report, k, mesh, layout):
+  run = report["nso"][f"k{k}_{mesh}_{layout}"]
+  assert run["devices"] == 8
+  # Every update of three training steps, and the parameters they reach, equal
+  # one device's up to float32 summation order; k = 5 is not a multiple of the
+  # pair axis (2, 4 or 8 devices).
+  assert max(run["update_relative_errors"]) < 1e-6
+  assert run["params_relative_error"] < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["replicated", "sharded"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_a_step_reduces_once_over_both_axes(report, mesh, layout):
+  collectives = report["nso"][f"k5_{mesh}_{layout}"]["collectives"]
+  # One all-reduce for the gradient sums of all pairs and shards together; the
+  # sharded parameters' gathers (two sharded leaves) for the step itself.
+  assert collectives["all-reduce"] == 1
+  assert collectives["all-gather"] == (2 if layout == "sharded" else 0)
+  assert collectives["reduce-scatter"] == collectives["all-to-all"] == 0
+
+
+def test_per_shard_noise_is_the_mean_of_each_shards_estimate(report):
+  result = report["per_shard_noise"]
+  # Each data shard draws its pairs from fold_in(key, shard): the mesh result
+  # is the mean over shards of one-device estimates with those keys.
+  assert result["per_shard_vs_formula"] < 1e-6
+  # It is a different estimator from the shared-noise one, which is the
+  # one-device estimate.
+  assert result["per_shard_vs_shared_noise"] > 1e-3
+  assert result["shared_vs_single"] < 1e-6
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_hessian_estimates_on_a_mesh_equal_one_devices(report, mesh):
+  result = report["hessian"][mesh]
+  for method in ("hutchinson", "hutch++", "xtrace"):
+    assert result[f"trace_{method}"] < 1e-6, method
+  assert result["top_eigenvalues"] < 1e-6
+  # The density is a sum of Gaussian kernels at the Ritz values: a rounding
+  # difference in a node moves it by its slope times the difference.
+  assert result["density"] < 2e-5
