@@ -84,7 +84,9 @@ def test_a_function_filter_selects_as_the_pytree_of_flags():
 def test_a_prefix_of_flags_selects_whole_subtrees():
   dense_only = estimate({"dense": True, "head": False})
   unfiltered = estimate(None)
-  np.testing.assert_array_equal(dense_only["dense"]["bias"], unfiltered["dense"]["bias"])
+  np.testing.assert_array_equal(
+    dense_only["dense"]["bias"], unfiltered["dense"]["bias"]
+  )
   np.testing.assert_array_equal(
     dense_only["head"], jax.grad(separable_loss)(PARAMS)["head"]
   )
@@ -93,9 +95,7 @@ def test_a_prefix_of_flags_selects_whole_subtrees():
 def test_the_transformation_passes_the_filter_on():
   tx = nso_jax.nso(optax.sgd(0.1), 0.3, 2, key=3, param_filter=KERNELS_ONLY)
   state = tx.init(PARAMS)
-  step = jax.jit(
-    lambda p, s: tx.update(None, s, p, grad_fn=jax.grad(separable_loss))
-  )
+  step = jax.jit(lambda p, s: tx.update(None, s, p, grad_fn=jax.grad(separable_loss)))
   updates, _ = step(PARAMS, state)
   plain = jax.grad(separable_loss)(PARAMS)
   np.testing.assert_array_equal(updates["head"], -0.1 * plain["head"])
