@@ -71,3 +71,34 @@ def test_hessian_estimates_on_a_mesh_equal_one_devices(report, mesh):
   # The density is a sum of Gaussian kernels at the Ritz values: a rounding
   # difference in a node moves it by its slope times the difference.
   assert result["density"] < 2e-5
+
+
+def test_the_mesh_example_trains_and_reduces_once():
+  root = pathlib.Path(__file__).parent.parent
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.scaleout",
+      "--mesh",
+      "data=2,noise=2",
+      "--k",
+      "3",
+      "--steps",
+      "2",
+      "--repeats",
+      "1",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=root,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  lines = [line for line in result.stdout.splitlines() if "2x2" in line]
+  assert len(lines) == 2  # replicated and sharded parameters
+  for line in lines:
+    assert "'all-reduce': 1" in line
+    error = float(line.split("update vs one device ")[1].split(",")[0])
+    assert error < 2e-6
