@@ -12,7 +12,11 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
 * one call on a loss: :func:`trace`, :func:`top_eigenvalues`,
   :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`;
 
-and :func:`plot_spectral_density` to draw a density.
+:func:`plot_spectral_density` to draw a density; and the NSO paper's own
+flatness measures, also one call on a loss: :func:`noise_stability_measure`,
+:func:`layer_hessian_measure`, :func:`direction_curvature`,
+:func:`layer_traces` and :func:`trace_bound_term` (the trace term of its
+generalisation bound).
 
 The estimators run their loops as ``lax.scan``/``lax.while_loop``, which an
 eager call compiles anew each time: wrap repeated measurements in
@@ -20,6 +24,13 @@ eager call compiles anew each time: wrap repeated measurements in
 """
 
 from nso_jax._src.data_plans import StackedBatches
+from nso_jax._src.flatness import NoiseStabilityEstimate
+from nso_jax._src.flatness import TraceBound
+from nso_jax._src.flatness import direction_curvature
+from nso_jax._src.flatness import layer_hessian_measure
+from nso_jax._src.flatness import layer_traces
+from nso_jax._src.flatness import noise_stability_measure
+from nso_jax._src.flatness import trace_bound_term
 from nso_jax._src.lanczos import PowerIterationResult
 from nso_jax._src.lanczos import SpectralDensity
 from nso_jax._src.lanczos import Tridiagonal
@@ -44,11 +55,14 @@ from nso_jax._src.stochastic_trace import xtrace
 
 __all__ = [
   "LinearOperator",
+  "NoiseStabilityEstimate",
   "PowerIterationResult",
   "SpectralDensity",
   "StackedBatches",
+  "TraceBound",
   "TraceEstimate",
   "Tridiagonal",
+  "direction_curvature",
   "eigenvalues",
   "ggn_operator",
   "hessian_operator",
@@ -57,12 +71,16 @@ __all__ = [
   "hvp",
   "lanczos_eigenvalues",
   "lanczos_tridiag",
+  "layer_hessian_measure",
+  "layer_traces",
   "max_eigenvalue",
+  "noise_stability_measure",
   "plot_spectral_density",
   "power_iteration",
   "spectral_density",
   "stochastic_lanczos_quadrature",
   "top_eigenvalues",
   "trace",
+  "trace_bound_term",
   "xtrace",
 ]
