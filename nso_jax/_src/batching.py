@@ -237,9 +237,10 @@ def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   missing = tuple(a for a in axes if a not in _varying_axes(jax.typeof(x)))
   if not missing:
     return x
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)  # JAX < 0.9
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is not None:
+    return pcast(x, missing, to="varying")
+  return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX < 0.9
 
 
 def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
