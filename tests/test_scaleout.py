@@ -102,3 +102,61 @@ def test_the_mesh_example_trains_and_reduces_once():
     assert "'all-reduce': 1" in line
     error = float(line.split("update vs one device ")[1].split(",")[0])
     assert error < 2e-6
+
+
+# Settings are checked on one device, in this process.
+
+
+def test_axis_names_outside_a_mapped_function_are_refused_by_name():
+  import jax
+  import jax.numpy as jnp
+
+  import nso_jax
+  from nso_jax import batching
+  from nso_jax import hessian
+
+  grad_fn = jax.grad(lambda w: jnp.sum(w**2))
+  w = jnp.ones(3)
+  with pytest.raises(ValueError, match=r"`pair_axis`='noise' is not an axis"):
+    nso_jax.noise_stability_gradient(grad_fn, w, 0, sigma=0.1, pair_axis="noise")
+  with pytest.raises(ValueError, match=r"`data_axis`='data' is not an axis"):
+    nso_jax.noise_stability_gradient(grad_fn, w, 0, sigma=0.1, data_axis="data")
+  with pytest.raises(ValueError, match=r"`axis_name`='noise' is not an axis"):
+    batching.sum_indices(lambda i: i, 3, axis_name="noise")
+  with pytest.raises(ValueError, match=r"`probe_axis`='noise' is not an axis"):
+    hessian.hutchinson(lambda v: v, w, 0, num_matvecs=4, probe_axis="noise")
+
+
+@pytest.mark.parametrize(
+  ("options", "error", "message"),
+  [
+    ({"pair_axis": 3}, TypeError, "`pair_axis` must be a mesh axis name"),
+    ({"data_axis": ("data", 1)}, TypeError, "must name mesh axes with strings"),
+    ({"pair_axis": ()}, TypeError, "`pair_axis` must be a mesh axis name"),
+    ({"per_shard_noise": True}, ValueError, "it needs `data_axis`"),
+    ({"per_shard_noise": 1, "data_axis": "d"}, ValueError, "per_shard_noise"),
+    (
+      {"pair_axis": "x", "data_axis": ("x", "y")},
+      ValueError,
+      "share an axis",
+    ),
+  ],
+)
+def test_bad_axis_settings_are_refused_when_the_transformation_is_built(
+  options, error, message
+):
+  import nso_jax
+
+  with pytest.raises(error, match=message):
+    nso_jax.noise_stability(0.1, 2, key=0, **options)
+
+
+def test_an_early_stop_cannot_be_split_over_devices():
+  import jax.numpy as jnp
+
+  from nso_jax import hessian
+
+  with pytest.raises(ValueError, match="`rtol`"):
+    hessian.hutchinson(
+      lambda v: v, jnp.ones(3), 0, num_matvecs=4, rtol=1e-3, probe_axis="noise"
+    )

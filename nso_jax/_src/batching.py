@@ -233,8 +233,16 @@ def _varying_axes(aval: Any) -> frozenset[str]:
 
 
 def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """``x``, typed as varying over ``axes`` as well, as ``shard_map`` asks."""
-  missing = tuple(a for a in axes if a not in _varying_axes(jax.typeof(x)))
+  """``x``, typed as varying over ``axes`` as well, as ``shard_map`` asks.
+
+  JAX versions without these types (before 0.6.1) get ``x`` unchanged.
+  """
+  if not axes:
+    return x
+  aval = jax.typeof(x)
+  if not (hasattr(aval, "manual_axis_type") or hasattr(aval, "vma")):
+    return x
+  missing = tuple(a for a in axes if a not in _varying_axes(aval))
   if not missing:
     return x
   pcast = getattr(jax.lax, "pcast", None)
