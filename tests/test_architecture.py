@@ -13,6 +13,7 @@ CURVATURE = {
   "stochastic_trace",
   "lanczos",
   "measures",
+  "flatness",
   "plotting",
 }
 FOUNDATION = {"checks", "batching", "noise", "selection"}
@@ -21,7 +22,7 @@ CURVATURE_ORDER = [
   {"data_plans"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
-  {"measures", "plotting"},
+  {"measures", "flatness", "plotting"},
 ]
 
 
