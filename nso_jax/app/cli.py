@@ -5,6 +5,8 @@ bundled digits (or ``--data FILE.npz``) with SGD, SAM, random weight
 perturbation and NSO over several seeds, and reports test accuracy, training
 loss and the curvature (Hessian trace, top eigenvalue, spectral density) each
 optimizer reached, with the gradient evaluations each one spends per step.
+``nso-jax experiment NAME`` runs one of the experiments of
+:mod:`nso_jax.app.experiments`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import jax
 
 from nso_jax.app import data
+from nso_jax.app import experiments
 from nso_jax.app import job
 
 PROGRAM = "nso-jax"
@@ -128,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
   add("output", help="output folder")
   train.add_argument(FLAGS["plots"], action="store_true", help="skip the PNG plots")
   train.add_argument(FLAGS["progress"], action="store_true", help="no progress bars")
+  experiment = commands.add_parser(
+    "experiment",
+    help="run an experiment that tests the NSO paper's claims",
+    description=(
+      "Experiments that test the NSO paper's claims: fine-tuning, label "
+      "noise, matrix sensing, and sweeps of NSO's sigma and k. Each writes "
+      "results.json, results.md and PNG plots to its --out folder. "
+      "`nso-jax experiment NAME --help` lists an experiment's flags."
+    ),
+  )
+  experiments.add_parsers(
+    experiment.add_subparsers(dest="experiment", required=True, metavar="NAME")
+  )
   return parser
 
 
@@ -143,9 +159,9 @@ def config_from_args(args: argparse.Namespace) -> job.Config:
   return job.Config(**settings, plots=not args.no_plots, progress=not args.no_progress)
 
 
-def error_message(error: data.SettingError) -> str:
+def error_message(error: data.SettingError, flags: dict[str, str] = FLAGS) -> str:
   """``error``'s message with the field spelt as the flag that sets it."""
-  return f"{PROGRAM}: error: {error.message(FLAGS.get(error.field))}"
+  return f"{PROGRAM}: error: {error.message(flags.get(error.field))}"
 
 
 def interruption_message(written: Sequence[str]) -> str:
@@ -173,11 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   (status 130, after which no partial results remain). A traceback is left
   to what would be a bug.
   """
+  flags = FLAGS
   try:
     args = build_parser().parse_args(argv)
-    job.run(config_from_args(args))
+    if args.command == "experiment":
+      flags = experiments.flags(args.experiment)
+      settings = experiments.settings_from_args(args.experiment, args)
+      experiments.run(args.experiment, settings)
+    else:
+      job.run(config_from_args(args))
   except data.SettingError as error:
-    print(error_message(error), file=sys.stderr)
+    print(error_message(error, flags), file=sys.stderr)
     return 2
   except KeyboardInterrupt as error:
     if argv is None:

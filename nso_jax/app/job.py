@@ -218,13 +218,20 @@ def _with_single_argument_grad_fn(
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
-def make_optimizer(name: str, config: Config) -> tuple[Any, int, bool]:
-  """Returns ``(tx, gradient evaluations per step, needs clean gradient)``."""
+def make_optimizer(
+  name: str, config: Config, param_filter: Any = None
+) -> tuple[Any, int, bool]:
+  """Returns ``(tx, gradient evaluations per step, needs clean gradient)``.
+
+  ``param_filter`` (NSO and RWP only) restricts the noise to some leaves (see
+  :func:`nso_jax.noise_stability`); ``None`` perturbs every leaf.
+  """
   base = optax.chain(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(config.learning_rate, momentum=config.momentum),
   )
   sigma, k = config.sigma, config.num_perturbations
+  noise = {} if param_filter is None else {"param_filter": param_filter}
   if name == "sgd":
     return base, 1, True
   if name == "sam":
@@ -232,8 +239,8 @@ def make_optimizer(name: str, config: Config) -> tuple[Any, int, bool]:
     sam = optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
     return _with_single_argument_grad_fn(sam), 2, True
   if name == "rwp":
-    return nso_jax.nso(base, sigma, k, key=0, one_sided=True), k, False
-  return nso_jax.nso(base, sigma, k, key=0), 2 * k, False
+    return nso_jax.nso(base, sigma, k, key=0, one_sided=True, **noise), k, False
+  return nso_jax.nso(base, sigma, k, key=0, **noise), 2 * k, False
 
 
 def steps_per_epoch(config: Config, train_examples: int) -> int:
@@ -306,12 +313,19 @@ def train_optimizer(
   config: Config,
   progress: report.ProgressBars,
   safe_point: Callable[[], None] = _no_interruption,
+  *,
+  init_params: Callable[[int], Any] | None = None,
+  param_filter: Any = None,
+  label: str | None = None,
 ) -> dict[str, Any]:
   """Trains one optimizer over all seeds at once.
 
   ``safe_point`` is called after each epoch, once its computations have
   finished: where an interruption may stop the job (see
-  :class:`DeferredInterruptions`).
+  :class:`DeferredInterruptions`). ``init_params(seed)``, if given, returns
+  the starting parameters of each seed (e.g. pretrained ones) instead of a
+  fresh initialisation; ``param_filter`` goes to :func:`make_optimizer`;
+  ``label`` names the progress bar (default: the optimizer's label).
 
   Returns:
     The stacked train states, the per-epoch curves (``(seeds, epochs)``
@@ -321,17 +335,19 @@ def train_optimizer(
     SettingError: when ``batch_size`` exceeds the training examples.
   """
   model = MLP(tuple(config.hidden), data.num_classes)
-  tx, evaluations, clean_gradient = make_optimizer(name, config)
+  tx, evaluations, clean_gradient = make_optimizer(name, config, param_filter)
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
   x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
   n = len(x_train)
   steps = steps_per_epoch(config, n)
 
   def init(seed):
-    params = model.init(jax.random.fold_in(jax.random.key(seed), 0), x_train[:1])
-    state = training.TrainState.create(
-      apply_fn=model.apply, params=params["params"], tx=tx
-    )
+    if init_params is None:
+      key = jax.random.fold_in(jax.random.key(seed), 0)
+      params = model.init(key, x_train[:1])["params"]
+    else:
+      params = init_params(seed)
+    state = training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     opt_state = state.opt_state
     if name in ("nso", "rwp"):
       noise_key = jax.random.fold_in(jax.random.key(seed), 1)
@@ -377,7 +393,7 @@ def train_optimizer(
     "train_loss": [],
     "test_accuracy": [],
   }
-  advance = progress.task(f"train {OPTIMIZER_LABELS[name]}", config.epochs)
+  advance = progress.task(f"train {label or OPTIMIZER_LABELS[name]}", config.epochs)
   start = time.perf_counter()
   for epoch_index in range(config.epochs):
     states, epoch_loss = run_epoch(states, seeds, epoch_index)

@@ -218,11 +218,7 @@ def write_results(
 ) -> list[str]:
   """Writes ``curves.png`` and ``spectrum.png`` (if ``plots``) and ``results.json``.
 
-  All or nothing: each file is first written under a temporary name in
-  ``folder``, and only once all are written are they moved into place with
-  :func:`os.replace` (atomic within a folder), ``results.json`` last. A
-  failure or an interruption before then leaves the folder as it was; the
-  temporary files are removed in every case.
+  All or nothing, as :func:`write_outputs` writes.
 
   Args:
     results: the JSON-ready results.
@@ -239,16 +235,50 @@ def write_results(
     OutputError: when a file cannot be written (a full disk, a folder removed
       or made read-only meanwhile).
   """
-  names = (["curves.png", "spectrum.png"] if plots else []) + ["results.json"]
+  writers: dict[str, Callable[[str], None]] = {}
+  if plots:
+    writers["curves.png"] = lambda path: draw_curves(rows, path)
+    writers["spectrum.png"] = lambda path: draw_spectrum(rows, path)
+  writers["results.json"] = lambda path: write_json(results, path)
+  return write_outputs(writers, folder, written=written, field=field)
+
+
+def write_outputs(
+  writers: dict[str, Callable[[str], None]],
+  folder: str,
+  *,
+  written: list[str] | None = None,
+  field: str = "output",
+) -> list[str]:
+  """Writes files all or nothing: ``writers[name](path)`` writes file ``name``.
+
+  Each file is first written under a temporary name in ``folder``, and only
+  once all are written are they moved into place with :func:`os.replace`
+  (atomic within a folder), in the order of ``writers`` (put the results
+  file last). A failure or an interruption before then leaves the folder as
+  it was; the temporary files are removed in every case.
+
+  Args:
+    writers: file name -> the function that writes it to a given path.
+    folder: the output folder; it must exist.
+    written: a list each path is appended to once the file is in place.
+    field: the setting that names ``folder``, for the error.
+
+  Returns:
+    The paths written, in the order of ``writers``.
+
+  Raises:
+    OutputError: when a file cannot be written (a full disk, a folder removed
+      or made read-only meanwhile).
+  """
+  names = list(writers)
   paths = [os.path.join(folder, name) for name in names]
   temporary: dict[str, str] = {}
   try:
     for name in names:
       temporary[name] = _new_temporary_file(folder, name)
-    if plots:
-      draw_curves(rows, temporary["curves.png"])
-      draw_spectrum(rows, temporary["spectrum.png"])
-    write_json(results, temporary["results.json"])
+    for name in names:
+      writers[name](temporary[name])
     for name, path in zip(names, paths, strict=True):
       os.replace(temporary[name], path)
       del temporary[name]
@@ -258,7 +288,7 @@ def write_results(
     raise OutputError(
       field,
       f"cannot write the results into {folder!r} ({error.strerror or error}); "
-      "results.json was not written; check the folder's free space and "
+      f"{names[-1]} was not written; check the folder's free space and "
       "permissions, or choose another.",
     ) from None
   finally:

@@ -1,0 +1,129 @@
+"""``nso-jax experiment NAME``: experiments that test the NSO paper's claims.
+
+Each experiment trains every method over several seeds, measures accuracy
+and flatness, states every method's compute (gradient evaluations per step
+and in total), and writes ``results.json`` (settings, per-seed numbers,
+summaries), ``results.md`` (tables) and PNG plots into ``--out``:
+
+* ``finetune``: pretrain on digits 0-4, fine-tune on few examples of 5-9
+  (:mod:`.finetune`);
+* ``label-noise``: digits with 20% and 40% flipped training labels
+  (:mod:`.label_noise`);
+* ``matrix-sensing``: the paper's synthetic low-rank recovery
+  (:mod:`.matrix_sensing`);
+* ``sigma-sweep`` and ``k-sweep``: NSO's settings on noisy labels
+  (:mod:`.sweeps`).
+
+Modules: :mod:`.settings` (flags and checks), :mod:`.classify` (methods,
+training and measures of the classification experiments) and
+:mod:`.output` (tables, plots, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from nso_jax.app.experiments import finetune
+from nso_jax.app.experiments import label_noise
+from nso_jax.app.experiments import matrix_sensing
+from nso_jax.app.experiments import settings as settings_lib
+from nso_jax.app.experiments import sweeps
+from nso_jax.app.interrupts import DeferredInterruptions
+from nso_jax.app.interrupts import Interrupted
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """An experiment: its settings type, its run function and its help."""
+
+  settings: type
+  run: Callable[[Any, dict[str, Any]], dict[str, Any]]
+  help: str
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+  "finetune": Experiment(
+    finetune.Settings,
+    finetune.run,
+    "pretrain on digits 0-4, fine-tune on few examples of 5-9: SGD (and SGD "
+    "for NSO's gradient evaluations), SAM, RWP, NSO (all weights, head only)",
+  ),
+  "label-noise": Experiment(
+    label_noise.Settings,
+    label_noise.run,
+    "digits with 20%% and 40%% of the training labels flipped: SGD, SAM, RWP, NSO",
+  ),
+  "matrix-sensing": Experiment(
+    matrix_sensing.Settings,
+    matrix_sensing.run,
+    "the paper's low-rank matrix sensing (d=100, r=5): GD against NSO",
+  ),
+  "sigma-sweep": Experiment(
+    sweeps.SigmaSettings,
+    sweeps.run_sigma,
+    "NSO's noise std sigma from 0.005 to 0.2, on 20%% flipped labels",
+  ),
+  "k-sweep": Experiment(
+    sweeps.KSettings,
+    sweeps.run_k,
+    "NSO's pairs per step k = 1..4, on 20%% flipped labels",
+  ),
+}
+
+
+def add_parsers(commands: Any) -> None:
+  """Adds a parser per experiment to ``commands`` (argparse subparsers)."""
+  for name, experiment in EXPERIMENTS.items():
+    parser = commands.add_parser(
+      name,
+      help=experiment.help,
+      description=experiment.help.replace("%%", "%")
+      + ". Writes results.json, results.md and PNG plots to --out.",
+    )
+    settings_lib.add_flags(parser, experiment.settings)
+
+
+def flags(name: str) -> dict[str, str]:
+  """Field name -> flag of experiment ``name``'s settings."""
+  return settings_lib.flags(EXPERIMENTS[name].settings)
+
+
+def settings_from_args(name: str, args: argparse.Namespace) -> Any:
+  """Experiment ``name``'s settings from parsed arguments.
+
+  Raises:
+    SettingError: naming the field whose value cannot be used.
+  """
+  return settings_lib.from_args(EXPERIMENTS[name].settings, args)
+
+
+def run(name: str, settings: Any, printer: Callable[[str], None] = print) -> dict:
+  """Runs experiment ``name`` with ``settings`` and writes its outputs.
+
+  As the main job does (:func:`nso_jax.app.job.run`), it checks its settings,
+  sizes and output folder before training, writes its files all or nothing
+  (``results.json`` last) and stops at the next safe point on Ctrl-C.
+
+  Returns:
+    The results written to ``results.json``.
+
+  Raises:
+    SettingError: naming the setting that cannot be used.
+    Interrupted: on Ctrl-C, listing the files already written.
+  """
+  written: list[str] = []
+  try:
+    with DeferredInterruptions() as interruptions:
+      context = {
+        "printer": printer,
+        "written": written,
+        "safe_point": interruptions.safe_point,
+        "start": time.perf_counter(),
+      }
+      return EXPERIMENTS[name].run(settings, context)
+  except KeyboardInterrupt:
+    raise Interrupted(written) from None
