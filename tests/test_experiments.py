@@ -76,6 +76,8 @@ ACCURACY = (
   "final_train_loss",
   "hessian_trace",
   "hessian_trace_stderr",
+  "measured_loss",
+  "trace_per_loss",
   "top_eigenvalue",
   "noise_stability",
   "noise_stability_stderr",

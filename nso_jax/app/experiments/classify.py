@@ -201,7 +201,10 @@ def make_measure(
   """``(params, key, reference) -> measures`` on the training loss.
 
   The loss is the mean cross-entropy over the first ``hessian_samples``
-  training examples (with the labels the model was trained on). With
+  training examples (with the labels the model was trained on); the
+  measures include that loss and :math:`\\operatorname{tr}(H)` divided by it
+  (near zero loss, the cross-entropy's Hessian shrinks with the loss, so a
+  lower trace at a lower loss says less about the shape). With
   ``reference`` (``None`` for none), it adds the paper's per-layer
   :math:`v_l^\\top H_l v_l` and the whole :math:`v^\\top H v`, with
   :math:`v` = ``params - reference``, and the distance :math:`\\lVert v \\rVert`.
@@ -244,9 +247,12 @@ def _compiled_measure(
     stability = hessian.noise_stability_measure(
       loss_fn, params, batch, noise_key, eps=eps, num_draws=draws, antithetic=True
     )
+    loss = loss_fn(params, batch)
     out = {
+      "measured_loss": loss,
       "hessian_trace": trace.value,
       "hessian_trace_stderr": trace.stderr,
+      "trace_per_loss": trace.value / loss,
       "top_eigenvalue": top[0],
       "noise_stability": stability.value,
       "noise_stability_stderr": stability.stderr,

@@ -34,6 +34,7 @@ COLUMNS: list[output.Column] = [
   ("best_test_accuracy", "test acc. best epoch (%)", output.fixed(2, 100)),
   ("final_train_loss", "train loss", output.fmt(3)),
   ("hessian_trace", "tr(H)", output.fmt(3)),
+  ("trace_per_loss", "tr(H) / loss", output.fmt(3)),
   ("top_eigenvalue", "top eigenvalue", output.fmt(3)),
   ("noise_stability", "noise stability", output.fmt(3)),
   ("vHv", "v^T H v", output.fmt(3)),
@@ -205,7 +206,7 @@ def _finish(settings, rows, pretrained, pretrain_data, data, context):
   plots = {
     "curves.png": lambda path: output.draw_curves([("fine-tuning", rows)], path),
     "measures.png": lambda path: output.draw_bars(
-      rows, [(metric, header) for metric, header, _ in COLUMNS[:6]], path
+      rows, [(metric, header) for metric, header, _ in COLUMNS], path
     ),
     "layers.png": lambda path: output.draw_bars(
       rows,

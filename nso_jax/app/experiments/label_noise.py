@@ -30,6 +30,7 @@ COLUMNS: list[output.Column] = [
   ("memorised", "flipped labels fit (%)", output.fixed(1, 100)),
   ("final_train_loss", "train loss", output.fmt(3)),
   ("hessian_trace", "tr(H)", output.fmt(3)),
+  ("trace_per_loss", "tr(H) / loss", output.fmt(3)),
   ("top_eigenvalue", "top eigenvalue", output.fmt(3)),
   ("noise_stability", "noise stability", output.fmt(3)),
 ]

@@ -25,9 +25,11 @@ PANELS = [
   ("final_test_accuracy", "test accuracy, final"),
   ("best_test_accuracy", "test accuracy, best epoch"),
   ("final_train_loss", "training loss (noisy labels)"),
-  ("hessian_trace", "tr(H)"),
-  ("top_eigenvalue", "top eigenvalue"),
   ("memorised", "flipped labels fit"),
+  ("hessian_trace", "tr(H)"),
+  ("trace_per_loss", "tr(H) / loss"),
+  ("top_eigenvalue", "top eigenvalue"),
+  ("noise_stability", "noise stability"),
 ]
 
 
@@ -156,7 +158,7 @@ def _finish(settings, field, references, rows, data, context):
 def draw_sweep(references, rows, name: str, path: str) -> None:
   """Each measure against the swept value, mean ± std; references as bands."""
   plt = output.pyplot()
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+  fig, axes = plt.subplots(2, 4, figsize=(16, 7))
   x = [row["swept_value"] for row in rows]
   for ax, (metric, title) in zip(axes.ravel(), PANELS, strict=True):
     means = [row["summary"][metric][0] for row in rows]
@@ -170,7 +172,7 @@ def draw_sweep(references, rows, name: str, path: str) -> None:
     ax.set(title=title, xlabel=name, xscale="log" if name == "sigma" else "linear")
     if name == "k":
       ax.set_xticks(x)
-    if metric in ("final_train_loss", "hessian_trace", "top_eigenvalue"):
+    if metric not in ("final_test_accuracy", "best_test_accuracy", "memorised"):
       ax.set_yscale("log")
   axes[0, 0].legend(fontsize=8)
   output.save(fig, path)
