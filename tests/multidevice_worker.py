@@ -9,6 +9,9 @@ import os
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
+# The simulated devices are CPU devices: on a machine with a GPU, JAX would
+# otherwise pick the GPU, a single device.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json
 from functools import partial
