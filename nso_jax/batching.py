@@ -10,6 +10,7 @@ function of an index, and both run through :func:`sum_indices` or
 
 from nso_jax._src.batching import EXECUTIONS
 from nso_jax._src.batching import computes_convolutions
+from nso_jax._src.batching import default_chunk_size
 from nso_jax._src.batching import default_execution
 from nso_jax._src.batching import map_indices
 from nso_jax._src.batching import sum_indices
@@ -17,6 +18,7 @@ from nso_jax._src.batching import sum_indices
 __all__ = [
   "EXECUTIONS",
   "computes_convolutions",
+  "default_chunk_size",
   "default_execution",
   "map_indices",
   "sum_indices",

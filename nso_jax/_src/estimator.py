@@ -184,9 +184,9 @@ def noise_stability_gradient(
 
   * ``"vmap"``: all evaluations as one batched computation (fastest on
     accelerators, memory grows with ``k``);
-  * ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` pairs (default 1:
-    sequential), each chunk batched with ``vmap``; memory is bounded by the
-    chunk, whatever ``k``;
+  * ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` pairs (default 1
+    on CPU: sequential; 16 on accelerators), each chunk batched with
+    ``vmap``; memory is bounded by the chunk, whatever ``k``;
   * ``"unroll"``: the evaluations one after another in the compiled graph;
   * ``"auto"``: :func:`nso_jax.batching.default_execution` for the current
     backend: ``"vmap"`` on accelerators; on CPU ``"map"``, or ``"unroll"``

@@ -62,7 +62,8 @@ def trace(
     execution: how the probes' products run (see
       :func:`~nso_jax.hessian.hutchinson`); ``"auto"`` runs them one at a
       time on CPU (least memory, fastest on small CPUs).
-    chunk_size: probes per step of ``execution="map"`` (default 1).
+    chunk_size: probes per step of ``execution="map"`` (default 1 on
+      CPU, 16 on accelerators).
     param_filter: restricts to some leaves, e.g. one layer (see
       :func:`hessian_operator`).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
@@ -303,7 +304,8 @@ def spectral_density(
       values.
     execution: how the probes' Lanczos runs are batched (see
       :func:`~nso_jax.hessian.stochastic_lanczos_quadrature`).
-    chunk_size: probes per step of ``execution="map"`` (default 1).
+    chunk_size: probes per step of ``execution="map"`` (default 1 on
+      CPU, 16 on accelerators).
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).

@@ -148,7 +148,8 @@ def hutchinson(
       ``"map"`` or ``"unroll"``; see :func:`nso_jax.batching.map_indices`.
       ``"auto"`` runs them one at a time on CPU (least memory, and fastest on
       a 2-core CPU) and all at once on accelerators.
-    chunk_size: probes per step of ``execution="map"`` (default 1).
+    chunk_size: probes per step of ``execution="map"`` (default 1 on
+      CPU, 16 on accelerators).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the probes (not with ``rtol``); the same key gives the
       same estimate on any number of devices, up to rounding.
@@ -206,7 +207,11 @@ def hutchinson(
     mean, stderr = _mean_and_stderr(samples)
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num))
-  chunk = num if execution == "vmap" else min(chunk_size or 1, num)
+  chunk = (
+    num
+    if execution == "vmap"
+    else min(chunk_size or batching.default_chunk_size(), num)
+  )
   return _hutchinson_early_stop(quadratic_form, keys, rtol, chunk)
 
 
@@ -342,7 +347,8 @@ def hutch_pp(
     num_matvecs: the budget of matrix-vector products, at least 3.
     probe: ``"rademacher"`` (default) or ``"normal"``.
     execution: how the products run (see :func:`hutchinson`).
-    chunk_size: products per step of ``execution="map"`` (default 1).
+    chunk_size: products per step of ``execution="map"`` (default 1 on
+      CPU, 16 on accelerators).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the products; the same key gives the same estimate on any
       number of devices, up to rounding.
@@ -427,7 +433,8 @@ def xtrace(
     num_matvecs: the budget of matrix-vector products, at least 2.
     probe: ``"rademacher"`` (default) or ``"normal"``.
     execution: how the products run (see :func:`hutchinson`).
-    chunk_size: products per step of ``execution="map"`` (default 1).
+    chunk_size: products per step of ``execution="map"`` (default 1 on
+      CPU, 16 on accelerators).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the products; the same key gives the same estimate on any
       number of devices, up to rounding.

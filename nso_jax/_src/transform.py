@@ -122,7 +122,8 @@ def noise_stability(
     execution: how the pairs run: ``"auto"``, ``"vmap"``, ``"map"`` or
       ``"unroll"``; see :func:`nso_jax.noise_stability_gradient`. The result
       is the same up to floating-point summation order.
-    chunk_size: pairs per step of ``execution="map"`` (1: sequential).
+    chunk_size: pairs per step of ``execution="map"`` (default 1 on CPU:
+      sequential; 16 on accelerators).
     track_noise_resolution: measure ``state.noise_resolution`` for
       half-precision parameters (one more noise draw per step).
     param_filter: the leaves to perturb: ``None`` (all), a pytree of Python
