@@ -19,32 +19,16 @@ import json
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from mesh_problem import loss
+from mesh_problem import make_problem
 
 import nso_jax
 
 NUM_STEPS = 3
-
-
-def loss(params, x, y):
-  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((hidden @ params["w2"] - y) ** 2)
-
-
-def make_problem():
-  keys = jax.random.split(jax.random.key(0), 4)
-  params = {
-    "w1": jax.random.normal(keys[0], (6, 16)) / 6**0.5,
-    "b1": jnp.zeros(16),
-    "w2": jax.random.normal(keys[1], (16,)) / 4.0,
-  }
-  x = jax.random.normal(keys[2], (64, 6))
-  y = jnp.sin(x.sum(axis=1))
-  return params, x, y
 
 
 def main(port, num_processes, process_id, out):
