@@ -169,7 +169,7 @@ def save(fig: Any, path: str) -> None:
   plt = pyplot()
   try:
     fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
+    fig.savefig(path, dpi=80, format="png")
   finally:
     plt.close(fig)
 
