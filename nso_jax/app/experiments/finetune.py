@@ -87,7 +87,7 @@ def make_data(settings: Settings) -> tuple[data_lib.Dataset, data_lib.Dataset]:
   y = np.concatenate([digits.y_train, digits.y_test])
   x, y = _subset(x, y, FINETUNE_CLASSES)
   rng = np.random.default_rng(0)
-  train = []
+  chosen: list[int] = []
   for label in range(len(FINETUNE_CLASSES)):
     members = np.flatnonzero(y == label)
     if settings.per_class >= len(members):
@@ -97,8 +97,8 @@ def make_data(settings: Settings) -> tuple[data_lib.Dataset, data_lib.Dataset]:
         f"{len(members)} examples.",
         value=settings.per_class,
       )
-    train.extend(rng.choice(members, settings.per_class, replace=False))
-  train = np.sort(np.asarray(train))
+    chosen.extend(rng.choice(members, settings.per_class, replace=False))
+  train = np.sort(np.asarray(chosen))
   test = np.setdiff1d(np.arange(len(y)), train)
   y_train = flip_labels(y[train], settings.label_noise, len(FINETUNE_CLASSES), rng)
   finetune = data_lib.Dataset(

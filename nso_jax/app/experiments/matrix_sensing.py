@@ -254,8 +254,7 @@ def run_scale(settings: Settings, scale: float, context: dict[str, Any]):
     plan[name]["every"] = settings.record_every
   per_seed: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
   curves: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
-  # GD's run is the start of GD-long's: its time is counted there.
-  seconds: dict[str, float | None] = {"gd": None, "gd-long": 0.0, "nso": 0.0}
+  seconds = {"gd-long": 0.0, "nso": 0.0}
   total = settings.seeds * (plan["gd-long"]["steps"] + settings.steps)
   advance = context["progress"].task(
     f"init scale {scale:g}: GD, NSO", total // settings.record_every
@@ -286,7 +285,8 @@ def run_scale(settings: Settings, scale: float, context: dict[str, Any]):
     seconds["nso"] += time.perf_counter() - start
     context["safe_point"]()
   return [
-    _row(name, plan[name], per_seed[name], curves[name], seconds[name], settings)
+    # GD's run is the start of GD-long's: its time is counted there.
+    _row(name, plan[name], per_seed[name], curves[name], seconds.get(name), settings)
     for name in names
   ]
 

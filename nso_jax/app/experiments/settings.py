@@ -191,9 +191,8 @@ def _check_value(field: dataclasses.Field, value: Any) -> None:
     if choices is not None and item not in choices:
       raise error(field.name, f"must be one of {choices}, got {item!r}.")
     valid = field.metadata.get("valid")
-    if valid is not None and not (
-      (item_type is not float or math.isfinite(item)) and valid(item)
-    ):
+    finite = not isinstance(item, float) or math.isfinite(item)
+    if valid is not None and not (finite and valid(item)):
       raise error(
         field.name, f"must be {field.metadata['expect']}, got {item!r}.", value=None
       )
