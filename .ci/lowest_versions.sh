@@ -18,4 +18,5 @@ python -m pytest -q -p no:cacheprovider --doctest-modules \
   tests/test_batching.py tests/test_checks.py tests/test_pinned.py \
   tests/test_reliability.py tests/test_hessian.py tests/test_trace.py \
   tests/test_lanczos.py tests/test_training.py tests/test_checkpoints.py \
-  tests/test_equinox.py tests/test_bad_input_sweep.py tests/test_cli.py
+  tests/test_equinox.py tests/test_bad_input_sweep.py tests/test_cli.py \
+  tests/test_param_filter.py tests/test_flatness.py
