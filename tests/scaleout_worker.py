@@ -136,6 +136,76 @@ def nso_on_meshes(params, x, y):
   return report
 
 
+def nso_options_on_meshes(params, x, y):
+  """The transformation's other options with the pairs and data split."""
+  cases = {
+    # Clean gradient mixed in (computed, averaged over shards), the value
+    # averaged, noise on two leaves only.
+    "clean_value_filter": (
+      (4, 2),
+      ("data", "noise"),
+      {
+        "clean_weight": 0.5,
+        "has_value": True,
+        "param_filter": {"w1": True, "b1": False, "w2": True},
+        "num_perturbations": 3,
+      },
+    ),
+    # One-sided, in chunks of 2 with k = 5 on 2 devices: a remainder and a
+    # discarded surplus pair.
+    "one_sided_chunks": (
+      (4, 2),
+      ("data", "noise"),
+      {
+        "one_sided": True,
+        "execution": "map",
+        "chunk_size": 2,
+        "num_perturbations": 5,
+      },
+    ),
+    # The batch split over two mesh axes.
+    "two_data_axes": ((2, 2, 2), ("a", "b", "noise"), {"num_perturbations": 4}),
+  }
+  report = {}
+  for name, (shape, names, options) in cases.items():
+    has_value = options.get("has_value", False)
+    grad = jax.value_and_grad(loss) if has_value else jax.grad(loss)
+    make_tx = partial(nso_jax.noise_stability, SIGMA, key=1, **options)
+    single_tx = make_tx()
+
+    @jax.jit
+    def single_step(params, state, single_tx=single_tx, grad=grad):
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      return single_tx.update(zeros, state, params, grad_fn=lambda p: grad(p, x, y))
+
+    expected, expected_state = single_step(params, single_tx.init(params))
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    mesh = jax.make_mesh(shape, names, axis_types=auto)
+    data_axes = names[:-1] if len(names) > 2 else "data"
+    mesh_tx = make_tx(pair_axis="noise", data_axis=data_axes)
+    batch_spec = P(names[:-1]) if len(names) > 2 else P("data")
+
+    @jax.jit
+    @partial(
+      jax.shard_map,
+      mesh=mesh,
+      in_specs=(P(), P(), batch_spec, batch_spec),
+      out_specs=(P(), P()),
+    )
+    def mesh_step(params, state, x, y, mesh_tx=mesh_tx, grad=grad):
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      grad_fn = lambda p: grad(p, x, y)
+      return mesh_tx.update(zeros, state, params, grad_fn=grad_fn)
+
+    updates, state = mesh_step(params, mesh_tx.init(params), x, y)
+    report[name] = {
+      "update": relative(updates, expected),
+      "value": relative(state.value, expected_state.value) if has_value else 0.0,
+      "value_moved": float(expected_state.value) if has_value else 1.0,
+    }
+  return report
+
+
 def per_shard_noise(params, x, y):
   """Each data shard draws its own pairs: against the formula on one device."""
   mesh, k, key = mesh_of((4, 2)), 3, jax.random.key(5)
@@ -230,6 +300,7 @@ def main():
       {
         "num_devices": jax.device_count(),
         "nso": nso_on_meshes(params, x, y),
+        "nso_options": nso_options_on_meshes(params, x, y),
         "per_shard_noise": per_shard_noise(params, x, y),
         "hessian": hessian_on_meshes(params, x, y),
       }

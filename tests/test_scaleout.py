@@ -51,6 +51,19 @@ def test_a_step_reduces_once_over_both_axes(report, mesh, layout):
   assert collectives["reduce-scatter"] == collectives["all-to-all"] == 0
 
 
+@pytest.mark.parametrize(
+  "case", ["clean_value_filter", "one_sided_chunks", "two_data_axes"]
+)
+def test_the_transformations_options_on_a_mesh_equal_one_devices(report, case):
+  result = report["nso_options"][case]
+  # A clean gradient (averaged over the shards), the averaged value, a
+  # parameter filter, one-sided pairs in chunks with a discarded surplus pair,
+  # and the batch split over two axes: one device's update and value.
+  assert result["update"] < 1e-6
+  assert result["value"] < 1e-6
+  assert result["value_moved"] > 0
+
+
 def test_per_shard_noise_is_the_mean_of_each_shards_estimate(report):
   result = report["per_shard_noise"]
   # Each data shard draws its pairs from fold_in(key, shard): the mesh result

@@ -205,7 +205,8 @@ def check_axis_name(
     The axis names as a tuple (``()`` for ``None``).
 
   Raises:
-    ValueError: when a name is not a string, or not an axis of the enclosing
+    TypeError: when the names are not strings (or a tuple of them).
+    ValueError: when a name is repeated, or not an axis of the enclosing
       :func:`jax.shard_map` or :func:`jax.pmap`.
   """
   if axis_name is None:

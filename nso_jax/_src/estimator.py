@@ -217,7 +217,8 @@ def noise_stability_gradient(
     clean_weight: ``lam`` in [0, 1]; 0 (the paper's setting) needs no clean
       gradient. A traced value is accepted (then the clean gradient is always
       used, weighted by it).
-    clean_gradient: the gradient at ``params``, used when ``clean_weight > 0``.
+    clean_gradient: the gradient at ``params``, used when ``clean_weight > 0``
+      (with ``data_axis``: the mean over the shards, not a shard's own).
     has_value: whether ``grad_fn`` returns ``(value, grads)``.
     execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
     chunk_size: pairs per step of the ``"map"`` strategy.

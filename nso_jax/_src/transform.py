@@ -136,12 +136,15 @@ def noise_stability(
     data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
       which the batch is split: ``grad_fn`` returns the local gradient and
       the update averages it over the shards, in the same single ``psum`` as
-      the pairs. A clean gradient passed to ``update`` must already be that
-      mean; one computed here is averaged (a second ``psum``).
+      the pairs. With ``clean_weight > 0`` the clean gradient is computed
+      here, averaged over the shards by a second ``psum``; the gradient
+      passed to ``update`` is not read.
     per_shard_noise: each shard of ``data_axis`` draws its own pairs
       (``fold_in(key, shard)``): ``n`` shards average ``n k`` pairs. It
       changes with the number of shards; see
       :func:`nso_jax.noise_stability_gradient`.
+      ``state.noise_resolution`` is measured on the unfolded key's first
+      pair, a draw of the same distribution.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -220,8 +223,14 @@ def noise_stability(
       )
     step_key, next_key = jax.random.split(state.key)
     sigma_now = sigma(state.count) if callable(sigma) else sigma
-    clean = _clean_gradient(
-      updates, params, grad_fn, clean_weight, has_value, data_axis
+    # With the batch split over `data_axis`, the clean gradient is computed by
+    # the estimator, as the mean of the shards' gradients: the one passed in
+    # could be the shard's own, or a sum (`jax.grad` inside shard_map sums the
+    # gradients of replicated parameters over the shards).
+    clean = (
+      None
+      if data_axis is not None
+      else _clean_gradient(updates, params, grad_fn, clean_weight, has_value)
     )
     out = estimator.noise_stability_gradient(
       grad_fn,
@@ -265,12 +274,7 @@ def noise_stability(
 
 
 def _clean_gradient(
-  updates: Any,
-  params: Any,
-  grad_fn: Any,
-  clean_weight: Any,
-  has_value: bool,
-  data_axis: Any = None,
+  updates: Any, params: Any, grad_fn: Any, clean_weight: Any, has_value: bool
 ) -> Any:
   """The clean gradient to mix in: the incoming one, or ``None`` to compute it.
 
@@ -288,13 +292,9 @@ def _clean_gradient(
       f"{jax.tree.structure(updates)} for {jax.tree.structure(params)}."
     )
 
-  data_axes = batching.check_axis_name(data_axis, "data_axis")
-
   def compute() -> Any:
     out = grad_fn(params)
-    local = jax.tree.map(jnp.asarray, out[1] if has_value else out)
-    total = batching.psum_varying(local, data_axes)
-    return jax.tree.map(lambda g: g / batching.axis_size(data_axes), total)
+    return jax.tree.map(jnp.asarray, out[1] if has_value else out)
 
   all_zero = checks.tree_all(lambda g: g == 0, updates)
   incoming = jax.tree.map(
