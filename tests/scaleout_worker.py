@@ -249,12 +249,12 @@ def per_shard_noise(params, x, y):
 
 def hessian_on_meshes(params, x, y):
   """Trace (three estimators), SLQ and top eigenvalues: the data split over
-  `data` (the loss is the pmean of the shards' losses), the probes over
-  `noise`; against one device with the same key."""
+  `data` (the loss the pmean of the shards' losses, or the shard's loss with
+  `data_axis`), the probes over `noise`; against one device, same key."""
   key = jax.random.key(9)
   mean_loss = lambda p, batch: loss(p, *batch)
 
-  def estimates(loss_fn, batch, probe_axis):
+  def estimates(loss_fn, batch, probe_axis, data_axis=None):
     trace = {
       method: hessian.trace(
         loss_fn,
@@ -264,14 +264,25 @@ def hessian_on_meshes(params, x, y):
         num_matvecs=30,
         method=method,
         probe_axis=probe_axis,
+        data_axis=data_axis,
       ).value
       for method in ("hutchinson", "hutch++", "xtrace")
     }
     density = hessian.spectral_density(
-      loss_fn, params, batch, key, num_probes=5, num_steps=20, probe_axis=probe_axis
+      loss_fn,
+      params,
+      batch,
+      key,
+      num_probes=5,
+      num_steps=20,
+      probe_axis=probe_axis,
+      data_axis=data_axis,
     )
-    top = hessian.top_eigenvalues(loss_fn, params, batch, key, num_eigenvalues=3)
-    return trace, density.density, top
+    top = hessian.top_eigenvalues(
+      loss_fn, params, batch, key, num_eigenvalues=3, data_axis=data_axis
+    )
+    power = hessian.max_eigenvalue(loss_fn, params, batch, key, data_axis=data_axis)
+    return trace, density.density, top, power.eigenvalue
 
   reference = jax.jit(lambda: estimates(mean_loss, (x, y), None))()
   report = {}
@@ -282,14 +293,19 @@ def hessian_on_meshes(params, x, y):
     @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P())
     def on_mesh(x, y):
       sharded_loss = lambda p, batch: jax.lax.pmean(mean_loss(p, batch), "data")
-      return estimates(sharded_loss, (x, y), "noise")
+      return (
+        estimates(sharded_loss, (x, y), "noise"),
+        estimates(mean_loss, (x, y), "noise", data_axis="data"),
+      )
 
-    trace, density, top = on_mesh(x, y)
-    report[f"{shape[0]}x{shape[1]}"] = {
-      **{f"trace_{m}": relative(trace[m], reference[0][m]) for m in trace},
-      "density": relative(density, reference[1]),
-      "top_eigenvalues": relative(top, reference[2]),
-    }
+    for convention, found in zip(("pmean", "data_axis"), on_mesh(x, y), strict=True):
+      trace, density, top, power = found
+      report[f"{shape[0]}x{shape[1]}_{convention}"] = {
+        **{f"trace_{m}": relative(trace[m], reference[0][m]) for m in trace},
+        "density": relative(density, reference[1]),
+        "top_eigenvalues": relative(top, reference[2]),
+        "max_eigenvalue": relative(power, reference[3]),
+      }
   return report
 
 

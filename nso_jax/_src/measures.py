@@ -37,6 +37,7 @@ def trace(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   param_filter: ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
   probe_axis: batching.AxisName | None = None,
 ) -> stochastic_trace.TraceEstimate:
   r"""The trace of the loss Hessian, with its standard error.
@@ -66,6 +67,9 @@ def trace(
       CPU, 16 on accelerators).
     param_filter: restricts to some leaves, e.g. one layer (see
       :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, ``loss_fn`` being the shard's loss (see
+      :func:`hessian_operator`).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
@@ -92,7 +96,7 @@ def trace(
       "its whole budget of matvecs. Pass rtol=None."
     )
   operator = operators.hessian_operator(
-    loss_fn, params, data, param_filter=param_filter
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
   )
   if method == "hutchinson":
     return stochastic_trace.hutchinson(
@@ -130,6 +134,7 @@ def eigenvalues(
   num_steps: int | None = None,
   return_eigenvectors: bool = False,
   param_filter: ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """Extreme eigenvalues of the loss Hessian by Lanczos.
 
@@ -149,6 +154,9 @@ def eigenvalues(
     return_eigenvectors: also return the eigenvectors as a pytree with a
       leading axis of size ``num_eigenvalues``.
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, ``loss_fn`` being the shard's loss (see
+      :func:`hessian_operator`).
 
   Returns:
     The eigenvalues, or ``(eigenvalues, eigenvectors)``.
@@ -163,7 +171,7 @@ def eigenvalues(
     Array([-2.,  1.], dtype=float32)
   """
   operator = operators.hessian_operator(
-    loss_fn, params, data, param_filter=param_filter
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
   )
   return lanczos.lanczos_eigenvalues(
     *operator,
@@ -185,6 +193,7 @@ def top_eigenvalues(
   num_steps: int | None = None,
   return_eigenvectors: bool = False,
   param_filter: ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """The ``num_eigenvalues`` largest eigenvalues of the loss Hessian, decreasing.
 
@@ -200,6 +209,9 @@ def top_eigenvalues(
       capped at the dimension.
     return_eigenvectors: also return the eigenvectors.
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, ``loss_fn`` being the shard's loss (see
+      :func:`hessian_operator`).
 
   Returns:
     The eigenvalues, or ``(eigenvalues, eigenvectors)``.
@@ -222,6 +234,7 @@ def top_eigenvalues(
     num_steps=num_steps,
     return_eigenvectors=return_eigenvectors,
     param_filter=param_filter,
+    data_axis=data_axis,
   )
 
 
@@ -234,6 +247,7 @@ def max_eigenvalue(
   num_iters: int = 100,
   tol: float = 1e-8,
   param_filter: ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
 ) -> lanczos.PowerIterationResult:
   """The largest-magnitude Hessian eigenvalue by power iteration, as in the paper.
 
@@ -250,6 +264,9 @@ def max_eigenvalue(
     num_iters: the maximum number of iterations.
     tol: the relative change of the eigenvalue at which to stop.
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, ``loss_fn`` being the shard's loss (see
+      :func:`hessian_operator`).
 
   Returns:
     A :class:`~nso_jax.hessian.PowerIterationResult` ``(eigenvalue,
@@ -264,7 +281,7 @@ def max_eigenvalue(
     8.0
   """
   operator = operators.hessian_operator(
-    loss_fn, params, data, param_filter=param_filter
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
   )
   return lanczos.power_iteration(*operator, key, num_iters=num_iters, tol=tol)
 
@@ -283,6 +300,7 @@ def spectral_density(
   execution: batching.Execution = "auto",
   chunk_size: int | None = None,
   param_filter: ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
   probe_axis: batching.AxisName | None = None,
 ) -> lanczos.SpectralDensity:
   """The smoothed eigenvalue density of the loss Hessian (SLQ).
@@ -307,6 +325,9 @@ def spectral_density(
     chunk_size: probes per step of ``execution="map"`` (default 1 on
       CPU, 16 on accelerators).
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, ``loss_fn`` being the shard's loss (see
+      :func:`hessian_operator`).
     probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
       devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
@@ -324,7 +345,7 @@ def spectral_density(
     ((200,), (200,))
   """
   operator = operators.hessian_operator(
-    loss_fn, params, data, param_filter=param_filter
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
   )
   return lanczos.stochastic_lanczos_quadrature(
     *operator,

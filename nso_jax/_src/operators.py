@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import data_plans
 from nso_jax._src import selection
@@ -156,6 +157,7 @@ def hessian_operator(
   data: Any,
   *,
   param_filter: selection.ParamFilter = None,
+  data_axis: batching.AxisName | None = None,
 ) -> LinearOperator:
   r"""The loss Hessian over a data set, as a matrix-free operator.
 
@@ -186,6 +188,11 @@ def hessian_operator(
       bool`` on the key paths of ``jax.tree_util.tree_leaves_with_path``.
       The operator then acts on pytrees shaped like ``params`` with ``None``
       in place of the unselected leaves.
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which the data are split, with ``loss_fn`` the loss of this device's
+      shard (as NSO's ``data_axis`` takes it): each product is the mean of
+      the shards' products, one ``psum``. Without it, a loss inside
+      ``shard_map`` must average itself over the shards (``jax.lax.pmean``).
 
   Returns:
     A :class:`LinearOperator`.
@@ -214,9 +221,23 @@ def hessian_operator(
     "loss_fn",
   )
 
+  data_axes = batching.check_axis_name(data_axis, "data_axis")
+
   def matvec(v: PyTree) -> PyTree:
-    per_batch = lambda batch, tangent: hvp(restricted_loss, selected, batch, tangent)
-    return data_plans.average_over_data(per_batch, plan, v)
+    # Typed as varying over the data axes, the point and the direction give
+    # this shard's product (`jax.grad` of replicated parameters would sum the
+    # shards' gradients by itself).
+    if data_axes:
+      v = jax.tree.map(lambda t: batching.mark_varying(t, data_axes), v)
+      point = jax.tree.map(batching.vary_like, selected, v)  # and as the probe
+    else:
+      point = selected
+    per_batch = lambda batch, tangent: hvp(restricted_loss, point, batch, tangent)
+    local = data_plans.average_over_data(per_batch, plan, v)
+    if not data_axes:
+      return local
+    total = batching.psum_varying(local, data_axes)
+    return jax.tree.map(lambda x: x / batching.axis_size(data_axes), total)
 
   return LinearOperator(matvec, selected)
 
