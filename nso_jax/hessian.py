@@ -25,12 +25,9 @@ eager call compiles anew each time: wrap repeated measurements in
 
 from nso_jax._src.data_plans import StackedBatches
 from nso_jax._src.flatness import NoiseStabilityEstimate
-from nso_jax._src.flatness import TraceBound
 from nso_jax._src.flatness import direction_curvature
 from nso_jax._src.flatness import layer_hessian_measure
-from nso_jax._src.flatness import layer_traces
 from nso_jax._src.flatness import noise_stability_measure
-from nso_jax._src.flatness import trace_bound_term
 from nso_jax._src.lanczos import PowerIterationResult
 from nso_jax._src.lanczos import SpectralDensity
 from nso_jax._src.lanczos import Tridiagonal
@@ -52,6 +49,9 @@ from nso_jax._src.stochastic_trace import TraceEstimate
 from nso_jax._src.stochastic_trace import hutch_pp
 from nso_jax._src.stochastic_trace import hutchinson
 from nso_jax._src.stochastic_trace import xtrace
+from nso_jax._src.trace_bound import TraceBound
+from nso_jax._src.trace_bound import layer_traces
+from nso_jax._src.trace_bound import trace_bound_term
 
 __all__ = [
   "LinearOperator",

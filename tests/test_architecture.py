@@ -14,6 +14,7 @@ CURVATURE = {
   "lanczos",
   "measures",
   "flatness",
+  "trace_bound",
   "plotting",
 }
 FOUNDATION = {"checks", "batching", "noise", "selection"}
@@ -22,7 +23,7 @@ CURVATURE_ORDER = [
   {"data_plans"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
-  {"measures", "flatness", "plotting"},
+  {"measures", "flatness", "trace_bound", "plotting"},
 ]
 
 

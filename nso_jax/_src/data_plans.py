@@ -209,3 +209,8 @@ def average_over_data(
     total,
     v,
   )
+
+
+def reusable(data: Any) -> Any:
+  """``data``, with an iterator of batches read into a list (it is read twice)."""
+  return list(data) if isinstance(data, collections.abc.Iterator) else data

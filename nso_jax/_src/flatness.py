@@ -10,10 +10,7 @@ eigenvalue (:func:`~nso_jax.hessian.trace`,
 * :func:`layer_hessian_measure`: per layer, :math:`v_l^\\top H_l v_l` with
   :math:`v = W - W^{(0)}` (and :func:`direction_curvature`, the whole
   :math:`v^\\top H v`);
-* :func:`layer_traces`: the Hessian trace of every layer, by Hutchinson;
-* :func:`trace_bound_term`: the data-measurable term of the paper's PAC-Bayes
-  bound, :math:`\\sqrt{(\\sum_l T_l)(\\sum_l \\lVert W_l - W_l^{(0)}
-  \\rVert^2) / n}`.
+* the layer traces and the bound's trace term are in ``trace_bound.py``.
 
 A "layer" is a leaf of the parameter pytree. Every function takes the data as
 :func:`~nso_jax.hessian.hessian_operator` does (one batch, a list or iterator
@@ -23,7 +20,6 @@ of batches, or :class:`~nso_jax.hessian.StackedBatches`) and runs inside
 
 from __future__ import annotations
 
-import collections.abc
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -42,8 +38,6 @@ from nso_jax._src.checks import PyTree
 from nso_jax._src.operators import LossFn
 from nso_jax._src.selection import ParamFilter
 
-BOUND_REDUCTIONS = ("max", "mean")
-
 
 class NoiseStabilityEstimate(NamedTuple):
   """A Monte Carlo estimate of the loss increase under weight noise.
@@ -58,78 +52,6 @@ class NoiseStabilityEstimate(NamedTuple):
   value: jax.Array
   stderr: jax.Array
   samples: jax.Array
-
-
-class TraceBound(NamedTuple):
-  """The trace term of the NSO paper's generalisation bound, and its parts.
-
-  Attributes:
-    value: :math:`\\sqrt{T \\cdot R^2 / n}`.
-    trace: :math:`T = \\sum_l \\max(T_l, 0)`, the layers' traces clipped at 0.
-    squared_distance: :math:`R^2 = \\sum_l \\lVert W_l - W_l^{(0)} \\rVert^2`.
-    layer_traces: the per-layer traces :math:`T_l` (unclipped), a pytree
-      shaped like the parameters (``None`` where ``param_filter`` excludes).
-    layer_squared_distances: the per-layer
-      :math:`\\lVert W_l - W_l^{(0)} \\rVert^2`, shaped likewise.
-  """
-
-  value: jax.Array
-  trace: jax.Array
-  squared_distance: jax.Array
-  layer_traces: PyTree
-  layer_squared_distances: PyTree
-
-
-def _reusable(data: Any) -> Any:
-  """``data``, with an iterator of batches read into a list (it is read twice)."""
-  return list(data) if isinstance(data, collections.abc.Iterator) else data
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _like_template(template: PyTree, tree: PyTree, params: PyTree, name: str) -> PyTree:
-  """``tree`` restricted to the leaves ``template`` selects, after checks.
-
-  ``tree`` must have the structure of ``params`` and, leaf by leaf, its shapes.
-  """
-  if not checks.same_structure(tree, params):
-    raise ValueError(
-      f"`{name}` must have the structure of `params`: got "
-      f"{jax.tree.structure(tree)}, expected {jax.tree.structure(params)}."
-    )
-  chosen: list[jax.Array | None] = []
-  template_leaves = jax.tree.leaves(template, is_leaf=_is_none)
-  paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree)
-  for keep, (path, leaf), param in zip(
-    template_leaves, paths_and_leaves, jax.tree.leaves(params), strict=True
-  ):
-    if jnp.shape(leaf) != jnp.shape(param):
-      raise ValueError(
-        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has shape "
-        f"{jnp.shape(leaf)}, expected {jnp.shape(param)} like `params`."
-      )
-    if keep is None:
-      chosen.append(None)
-      continue
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(
-        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
-        f"{jnp.result_type(leaf)}; it must be floating point like `params`."
-      )
-    chosen.append(jnp.asarray(leaf).astype(jnp.result_type(keep)))
-  return jax.tree.unflatten(jax.tree.structure(template, is_leaf=_is_none), chosen)
-
-
-def _elementwise_max(first: jax.Array, *rest: jax.Array) -> jax.Array:
-  for value in rest:
-    first = jnp.maximum(first, value)
-  return first
-
-
-def _leaf_vdot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.vdot(a, b, preferred_element_type=checks.accumulation_dtype(a.dtype))
 
 
 def _mean_loss(
@@ -228,7 +150,7 @@ def noise_stability_measure(
   antithetic = checks.check_bool(antithetic, "antithetic")
   execution, chunk_size = batching.check_execution(execution, chunk_size)
   key = checks.canonicalize_key(key)
-  data = _reusable(data)
+  data = data_plans.reusable(data)
   # Validates params, data, loss_fn and param_filter as every measure does.
   operators.hessian_operator(loss_fn, params, data, param_filter=param_filter)
   selected, merge = selection.select(params, param_filter)
@@ -258,7 +180,7 @@ def noise_stability_measure(
     perturbed_loss, num + 1, execution=execution, chunk_size=chunk_size
   )
   samples = values[:num] - values[num]
-  mean, stderr = stochastic_trace._mean_and_stderr(samples)
+  mean, stderr = stochastic_trace.mean_and_stderr(samples)
   return NoiseStabilityEstimate(mean, stderr, samples)
 
 
@@ -305,9 +227,9 @@ def direction_curvature(
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
   operator = operators.hessian_operator(
-    loss_fn, params, _reusable(data), param_filter=param_filter
+    loss_fn, params, data_plans.reusable(data), param_filter=param_filter
   )
-  v = _like_template(operator.template, direction, params, "direction")
+  v = selection.restrict_like(operator.template, direction, params, "direction")
   return operators.tree_vdot(v, operator.matvec(v))
 
 
@@ -387,12 +309,12 @@ def layer_hessian_measure(
   block_diagonal = checks.check_bool(block_diagonal, "block_diagonal")
   execution, chunk_size = batching.check_execution(execution, chunk_size)
   operator = operators.hessian_operator(
-    loss_fn, params, _reusable(data), param_filter=param_filter
+    loss_fn, params, data_plans.reusable(data), param_filter=param_filter
   )
-  v = _like_template(operator.template, reference, params, "reference")
+  v = selection.restrict_like(operator.template, reference, params, "reference")
   v = jax.tree.map(lambda w, w0: w - w0, operator.template, v)
   if not block_diagonal:
-    return jax.tree.map(_leaf_vdot, v, operator.matvec(v))
+    return jax.tree.map(operators.leaf_vdot, v, operator.matvec(v))
   leaves, treedef = jax.tree.flatten(v)
 
   def block(index: jax.Array) -> jax.Array:
@@ -402,7 +324,10 @@ def layer_hessian_measure(
     product = jax.tree.leaves(operator.matvec(jax.tree.unflatten(treedef, masked)))
     dtype = checks.accumulation_dtype(jnp.result_type(*leaves))
     forms = jnp.stack(
-      [_leaf_vdot(a, b).astype(dtype) for a, b in zip(leaves, product, strict=True)]
+      [
+        operators.leaf_vdot(a, b).astype(dtype)
+        for a, b in zip(leaves, product, strict=True)
+      ]
     )
     return forms[index]
 
@@ -416,280 +341,3 @@ def layer_hessian_measure(
       for k, leaf in enumerate(leaves)
     ],
   )
-
-
-def _layer_trace_samples(
-  operator: operators.LinearOperator,
-  key: jax.Array,
-  num: int,
-  sampler: noise_lib.LeafSampler,
-  execution: batching.Execution,
-  chunk_size: int | None,
-) -> PyTree:
-  """Per probe, per leaf :math:`z_l \\cdot (H z)_l`: leaves of shape ``(num,)``."""
-
-  def per_leaf(index: jax.Array) -> PyTree:
-    # The probes of stochastic_trace.hutchinson: same key, same sampler.
-    z = noise_lib.sample_noise(
-      jax.random.fold_in(key, index), operator.template, sampler
-    )
-    return jax.tree.map(_leaf_vdot, z, operator.matvec(z))
-
-  return batching.map_indices(per_leaf, num, execution=execution, chunk_size=chunk_size)
-
-
-def _check_probe(probe: Any) -> noise_lib.LeafSampler:
-  probes = stochastic_trace.PROBES
-  return probes[checks.check_choice(probe, tuple(probes), "probe")]
-
-
-def layer_traces(
-  loss_fn: LossFn,
-  params: PyTree,
-  data: Any,
-  key: checks.KeyLike,
-  *,
-  num_matvecs: int = 100,
-  probe: str = "rademacher",
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  param_filter: ParamFilter = None,
-) -> PyTree:
-  r"""The Hessian trace of every layer (leaf), by Hutchinson, with error bars.
-
-  For leaf :math:`l` with Hessian block :math:`H_{ll}`, and probes :math:`z`
-  of i.i.d. zero-mean unit-variance entries over the whole pytree,
-
-  .. math::
-    \operatorname{tr}(H_{ll}) \approx \frac{1}{m} \sum_{j=1}^m
-    z_{j,l}^\top (H z_j)_l, \qquad \operatorname{se}_l = \frac{s_l}{\sqrt m}.
-
-  Each probe costs one Hessian-vector product for all the leaves at once.
-  The estimator is unbiased: :math:`z_l^\top (H z)_l = z_l^\top H_{ll} z_l +
-  \sum_{k \neq l} z_l^\top H_{lk} z_k`, and the cross terms have mean zero as
-  :math:`z_l` and :math:`z_k` are independent (they add variance, not bias).
-  The probes are those of :func:`~nso_jax.hessian.hutchinson`, drawn from the
-  same key the same way, so the per-leaf estimates sum to
-  ``hessian.trace(..., method="hutchinson")`` with the same key, probe and
-  ``num_matvecs`` (up to rounding). This is how the authors measure layer
-  traces (``compute_hessians_trace`` in their code, after PyHessian), there
-  with the ``1e-3`` early stop of :func:`~nso_jax.hessian.trace`.
-
-  To group leaves into one layer (a weight and its bias), add their values;
-  the standard error of a sum needs the per-probe samples, which
-  :func:`~nso_jax.hessian.trace` with a ``param_filter`` selecting the group
-  gives.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
-    params: the parameters, any pytree of float arrays.
-    data: one batch, a list or iterator of batches, or :class:`StackedBatches`.
-    key: an int seed or a ``jax.random.key``.
-    num_matvecs: the number of probes :math:`m` (one product each).
-    probe: ``"rademacher"`` (default) or ``"normal"``.
-    execution: how the probes' products run (see
-      :func:`~nso_jax.hessian.hutchinson`).
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    param_filter: estimate only some leaves (see :func:`hessian_operator`);
-      a leaf's block, and so its estimate's mean, does not depend on which
-      others are selected.
-
-  Returns:
-    A pytree shaped like ``params`` whose leaves are
-    :class:`~nso_jax.hessian.TraceEstimate` ``(value, stderr, num_matvecs)``
-    (``None`` where ``param_filter`` excludes).
-
-  Example:
-    >>> import jax
-    >>> import jax.numpy as jnp
-    >>> from nso_jax import hessian
-    >>> loss = lambda p, x: 0.5 * jnp.mean(jnp.sum(x * p["a"] ** 2, axis=-1)
-    ...                                    + jnp.sum(x * p["b"] ** 2, axis=-1))
-    >>> params = {"a": jnp.ones(3), "b": jnp.ones(3)}
-    >>> x = jnp.array([[1.0, 2.0, 3.0]])  # H_aa = H_bb = diag(1, 2, 3)
-    >>> traces = hessian.layer_traces(loss, params, x, key=0, num_matvecs=8)
-    >>> float(traces["a"].value), float(traces["b"].stderr)
-    (6.0, 0.0)
-    >>> is_estimate = lambda node: isinstance(node, hessian.TraceEstimate)
-    >>> sum(t.value for t in jax.tree.leaves(traces, is_leaf=is_estimate))
-    Array(12., dtype=float32)
-
-  References:
-    Hutchinson, "A stochastic estimator of the trace of the influence matrix
-    for Laplacian smoothing splines", 1989.
-
-    Zhang, Li, Ju, "Noise Stability Optimization for Finding Flat Minima: A
-    Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
-  """
-  num = checks.check_positive_int(num_matvecs, "num_matvecs")
-  sampler = _check_probe(probe)
-  operator = operators.hessian_operator(
-    loss_fn, params, _reusable(data), param_filter=param_filter
-  )
-  execution = stochastic_trace.resolve_probe_execution(
-    execution, chunk_size, num, *operator
-  )
-  key = checks.canonicalize_key(key)
-  samples = _layer_trace_samples(operator, key, num, sampler, execution, chunk_size)
-  count = jnp.asarray(num, jnp.int32)
-  return jax.tree.map(
-    lambda s: stochastic_trace.TraceEstimate(
-      *stochastic_trace._mean_and_stderr(s), count
-    ),
-    samples,
-  )
-
-
-def trace_bound_term(
-  loss_fn: LossFn,
-  params: PyTree,
-  data: Any,
-  reference: PyTree,
-  key: checks.KeyLike,
-  *,
-  num_examples: int,
-  num_matvecs: int = 100,
-  probe: str = "rademacher",
-  reduction: str = "max",
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  param_filter: ParamFilter = None,
-) -> TraceBound:
-  r"""The data-measurable term of the NSO paper's PAC-Bayes bound.
-
-  The paper's generalisation bound (its Theorem on PAC-Bayes generalisation)
-  grows with the trace of the loss Hessian and the distance of the weights
-  from their initialisation, over the square root of the training-set size
-  :math:`n`. This function computes
-
-  .. math::
-    B = \sqrt{\frac{T \cdot R^2}{n}}, \qquad
-    T = \sum_l \max(T_l, 0), \qquad
-    R^2 = \sum_l \lVert W_l - W_l^{(0)} \rVert_F^2,
-
-  where :math:`W^{(0)}` is ``reference`` (the pretrained or initial weights)
-  and :math:`T_l` the trace of layer :math:`l`'s Hessian block, measured as
-  the authors do (:func:`layer_traces`: Hutchinson, one full product per
-  probe, per-leaf dot products):
-
-  * ``reduction="max"`` (default, the authors' protocol): :math:`T_l` is the
-    largest over the batches of ``data`` of the per-batch estimate, each batch
-    with the same probes (the bound has a maximum over examples; a batch's
-    mean Hessian stands in for an example's, so pass batches of one example
-    for per-example maxima). Batches of zero weight in
-    :class:`StackedBatches` are ignored. The maximum of noisy estimates is
-    biased upwards: use enough probes.
-  * ``reduction="mean"``: :math:`T_l` is the trace of the data set's mean
-    Hessian (an unbiased estimate, but not the maximum the bound asks for).
-
-  This is the form of the authors' bound scripts in
-  `VirtuosoResearch/Noise-stability-optimization
-  <https://github.com/VirtuosoResearch/Noise-stability-optimization>`_
-  (``exps_on_text_datasets/compute_noise_stability.py``; likewise
-  ``exps_on_graph_datasets/compute_noise_stability.py``), which print
-  ``max_loss * sqrt(max_traces.sum() * np.square(norms).sum() / train_num)``:
-  per-layer maxima over mini-batches of the Hutchinson layer traces, starting
-  from 0 (hence the clipping at 0 above), summed, times the summed squared
-  distances of the layers from the pretrained weights, over the training-set
-  size. One total trace times one total squared radius is what a PAC-Bayes
-  argument with a single isotropic posterior :math:`N(W, \sigma^2 I)`, NSO's
-  noise, gives.
-
-  Left out, so that :math:`B` is the part measured from data: the constant
-  in front (the scripts multiply by the largest mini-batch loss, standing in
-  for the bound :math:`C` on the loss), and the theorem's other constants and
-  lower-order terms. The paper's theorem (as the abstract and the
-  authors' related bounds state it) uses the positive part :math:`H^+` of the
-  Hessian and a maximum over the data distribution; like the authors' code,
-  this uses the plain trace, clipped at 0 per layer (at most
-  :math:`\operatorname{tr}(H_{ll}^+)`), and the maximum over the given
-  batches. We could not check the theorem's exact statement (its constants,
-  and whether the trace enters per layer) against the paper's text: the form
-  computed is the authors' code's. The layer-wise form
-  :math:`\sqrt{\sum_l \lVert W_l - W_l^{(0)} \rVert^2 T_l / n}`, which
-  per-layer noise scales would give, is at most :math:`B` and follows from
-  the returned ``layer_traces`` and ``layer_squared_distances``.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
-    params: the trained weights :math:`W`, any pytree of float arrays.
-    data: one batch, a list or iterator of batches, or :class:`StackedBatches`
-      (the training data, or a sample of it).
-    reference: :math:`W^{(0)}`, with the structure and shapes of ``params``.
-    key: an int seed or a ``jax.random.key``.
-    num_examples: :math:`n`, the size of the training set (which ``data``
-      may only sample).
-    num_matvecs: probes per trace estimate (per batch with ``"max"``).
-    probe: ``"rademacher"`` (default) or ``"normal"``.
-    reduction: ``"max"`` over batches or ``"mean"`` over the data set.
-    execution: how the probes' products run (see
-      :func:`~nso_jax.hessian.hutchinson`).
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    param_filter: use only some leaves, for both :math:`T` and :math:`R^2`
-      (the authors use the weight matrices, not biases or normalisation).
-
-  Returns:
-    A :class:`TraceBound` ``(value, trace, squared_distance, layer_traces,
-    layer_squared_distances)``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from nso_jax import hessian
-    >>> loss = lambda w, x: 0.5 * jnp.mean(jnp.sum(x * w ** 2, axis=-1))
-    >>> batches = [jnp.array([[1.0, 1.0]]), jnp.array([[2.0, 6.0]])]
-    >>> bound = hessian.trace_bound_term(
-    ...     loss, jnp.ones(2), batches, jnp.zeros(2), key=0, num_examples=200)
-    >>> float(bound.trace), float(bound.squared_distance), float(bound.value)
-    (8.0, 2.0, 0.2828...)
-
-  References:
-    Zhang, Li, Ju, "Noise Stability Optimization for Finding Flat Minima: A
-    Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
-
-    Ju, Li, Zhang, "Robust Fine-Tuning of Deep Neural Networks with
-    Hessian-based Generalization Guarantees", ICML 2022.
-  """
-  n = checks.check_positive_int(num_examples, "num_examples")
-  num = checks.check_positive_int(num_matvecs, "num_matvecs")
-  sampler = _check_probe(probe)
-  checks.check_choice(reduction, BOUND_REDUCTIONS, "reduction")
-  data = _reusable(data)
-  operator = operators.hessian_operator(
-    loss_fn, params, data, param_filter=param_filter
-  )
-  execution = stochastic_trace.resolve_probe_execution(
-    execution, chunk_size, num, *operator
-  )
-  key = checks.canonicalize_key(key)
-  v = _like_template(operator.template, reference, params, "reference")
-  squared = jax.tree.map(lambda w, w0: _leaf_vdot(w - w0, w - w0), operator.template, v)
-
-  def traces_on(batch_data: Any) -> PyTree:
-    batch_operator = operators.hessian_operator(
-      loss_fn, params, batch_data, param_filter=param_filter
-    )
-    samples = _layer_trace_samples(
-      batch_operator, key, num, sampler, execution, chunk_size
-    )
-    return jax.tree.map(lambda s: jnp.mean(s, axis=0), samples)
-
-  plan = data_plans.make_plan(data)
-  if reduction == "mean" or not plan.groups:
-    traces = traces_on(data)
-  else:
-    maxima = []
-    for group in plan.groups:
-      per_batch = jax.lax.map(traces_on, group.stacked)
-      keep = group.weights > 0
-      maxima.append(
-        jax.tree.map(
-          lambda t, keep=keep: jnp.max(jnp.where(keep, t, -jnp.inf)), per_batch
-        )
-      )
-    traces = jax.tree.map(_elementwise_max, *maxima)
-  trace = jnp.sum(jnp.stack([jnp.maximum(t, 0.0) for t in jax.tree.leaves(traces)]))
-  squared_distance = jnp.sum(jnp.stack(jax.tree.leaves(squared)))
-  value = jnp.sqrt(trace * squared_distance / n)
-  return TraceBound(value, trace, squared_distance, traces, squared)

@@ -72,13 +72,15 @@ def dimension(template: PyTree) -> int:
   return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(template)))
 
 
+def leaf_vdot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The Euclidean inner product of two arrays, accumulated in >= float32."""
+  return jnp.vdot(a, b, preferred_element_type=checks.accumulation_dtype(a.dtype))
+
+
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """The Euclidean inner product of two pytrees, accumulated in >= float32."""
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  products = [
-    jnp.vdot(x, y, preferred_element_type=checks.accumulation_dtype(x.dtype))
-    for x, y in zip(leaves_a, leaves_b, strict=True)
-  ]
+  products = [leaf_vdot(x, y) for x, y in zip(leaves_a, leaves_b, strict=True)]
   return sum(products[1:], products[0])
 
 

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from nso_jax._src import checks
 from nso_jax._src.checks import PyTree
 
 ParamFilter = PyTree | Callable[[tuple[Any, ...], jax.Array], bool] | None
@@ -70,3 +72,40 @@ def select(
     )
 
   return selected, merge
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def restrict_like(template: PyTree, tree: PyTree, params: PyTree, name: str) -> PyTree:
+  """``tree`` restricted to the leaves ``template`` selects, after checks.
+
+  ``tree`` must have the structure of ``params`` and, leaf by leaf, its shapes.
+  """
+  if not checks.same_structure(tree, params):
+    raise ValueError(
+      f"`{name}` must have the structure of `params`: got "
+      f"{jax.tree.structure(tree)}, expected {jax.tree.structure(params)}."
+    )
+  chosen: list[jax.Array | None] = []
+  template_leaves = jax.tree.leaves(template, is_leaf=_is_none)
+  paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree)
+  for keep, (path, leaf), param in zip(
+    template_leaves, paths_and_leaves, jax.tree.leaves(params), strict=True
+  ):
+    if jnp.shape(leaf) != jnp.shape(param):
+      raise ValueError(
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has shape "
+        f"{jnp.shape(leaf)}, expected {jnp.shape(param)} like `params`."
+      )
+    if keep is None:
+      chosen.append(None)
+      continue
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '(root)'} has dtype "
+        f"{jnp.result_type(leaf)}; it must be floating point like `params`."
+      )
+    chosen.append(jnp.asarray(leaf).astype(jnp.result_type(keep)))
+  return jax.tree.unflatten(jax.tree.structure(template, is_leaf=_is_none), chosen)

@@ -52,7 +52,7 @@ class TraceEstimate(NamedTuple):
   num_matvecs: jax.Array
 
 
-def _probe_sampler(probe: str) -> noise_lib.LeafSampler:
+def probe_sampler(probe: str) -> noise_lib.LeafSampler:
   return PROBES[checks.check_choice(probe, tuple(PROBES), "probe")]
 
 
@@ -84,7 +84,7 @@ def resolve_probe_execution(
   return resolved
 
 
-def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+def mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
   num = samples.shape[0]
   mean = jnp.mean(samples)
   if num < 2:
@@ -179,7 +179,7 @@ def hutchinson(
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs")
-  sampler = _probe_sampler(probe)
+  sampler = probe_sampler(probe)
   rtol = _check_rtol(rtol)
   operators.check_template(template)
   if rtol is not None and probe_axis is not None:
@@ -204,7 +204,7 @@ def hutchinson(
       chunk_size=chunk_size,
       axis_name=probe_axis,
     )
-    mean, stderr = _mean_and_stderr(samples)
+    mean, stderr = mean_and_stderr(samples)
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num))
   chunk = (
@@ -296,7 +296,7 @@ def _sketching_setup(
   probe_axis: batching.AxisName | None,
 ) -> tuple[operators.FlatOperator, Callable[[jax.Array], jax.Array], jax.Array]:
   """Checks the arguments of Hutch++ and XTrace; their flat operator and rows."""
-  _probe_sampler(probe)
+  probe_sampler(probe)
   operators.check_template(template)
   resolved = resolve_probe_execution(
     execution, chunk_size, num, matvec, template, probe_axis
@@ -384,7 +384,7 @@ def hutch_pp(
   probes = _flat_probes(probe_key, (num_probes, operator.dim), operator.dtype, probe)
   probes = probes - (probes @ basis) @ basis.T
   samples = jnp.sum(probes * rows(probes), axis=1)
-  mean, stderr = _mean_and_stderr(samples)
+  mean, stderr = mean_and_stderr(samples)
   return TraceEstimate(low_rank_trace + mean, stderr, jnp.asarray(num, jnp.int32))
 
 
@@ -501,7 +501,7 @@ def xtrace(
     - jnp.sum(dual * (compressed @ dual), axis=0)
     + jnp.sum(residual * residual_image, axis=0)
   )
-  mean, stderr = _mean_and_stderr(samples)
+  mean, stderr = mean_and_stderr(samples)
   exact = jnp.trace(compressed)
   if size == operator.dim:  # Q spans the whole space: tr(Q^T A Q) = tr(A)
     rank_deficient = jnp.asarray(True)
