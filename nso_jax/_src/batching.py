@@ -1,11 +1,11 @@
 """The one batching seam: run ``fn(i)`` over indices ``0 .. size - 1``.
 
-NSO's perturbation pairs and the Hessian tools' random probes are the same
-kind of work: ``size`` independent evaluations of one function of an index.
-:func:`sum_indices` adds their results up (NSO's gradient sum: nothing is
-stacked, so memory does not grow with the count); :func:`map_indices` stacks
-them (per-probe samples, from which a standard error follows). Both run them
-in one of three ways, chosen by ``execution``:
+NSO's perturbation pairs, the Hessian tools' random probes and the
+noise-stability measure's draws are the same kind of work: ``size``
+independent evaluations of one function of an index. :func:`sum_indices` adds
+their results up (NSO's gradient sum: nothing is stacked, so memory does not
+grow with the count); :func:`map_indices` stacks them (per-probe samples, from
+which a standard error follows). How they run is one value, :class:`Execution`:
 
 * ``"vmap"``: all at once, as one batched computation;
 * ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` indices, each
@@ -13,32 +13,33 @@ in one of three ways, chosen by ``execution``:
   chunk (:func:`default_chunk_size`) is 1 on CPU, one at a time, and 16 on
   accelerators;
 * ``"unroll"``: one after another in the compiled graph;
-* ``"auto"``: :func:`default_execution`, the one rule for both.
+* ``"auto"``: :func:`default_execution`, the one rule for all of them.
 
-Inside :func:`jax.shard_map` (or :func:`jax.pmap`), ``axis_name`` splits the
-indices over the devices of a mesh axis: device ``r`` of ``n`` evaluates
-``r, r + n, r + 2n, ...``, each in the way ``execution`` says, and one
-collective, a ``psum``, combines the results. Since ``fn`` sees the same
-global index on any mesh, the result does not depend on the number of
-devices beyond summation order.
+Inside :func:`jax.shard_map`, ``Execution(axis=...)`` splits the indices over
+the devices of a mesh axis: device ``r`` of ``n`` evaluates ``r, r + n, r +
+2n, ...``, each in the way the strategy says, and one collective, a ``psum``,
+combines the results. Since ``fn`` sees the same global index on any mesh,
+the result does not depend on the number of devices beyond summation order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
+from typing import NamedTuple
 from typing import cast
 
 import jax
 import jax.numpy as jnp
 
 from nso_jax._src import checks
+from nso_jax._src import mesh
 
-AxisName = str | tuple[str, ...]
-Execution = Literal["auto", "vmap", "map", "unroll"]
-EXECUTIONS: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
+Strategy = Literal["auto", "vmap", "map", "unroll"]
+STRATEGIES: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
 
 # Unrolled evaluations compile in time linear in their number (6.9 s at 8,
 # 17.5 s at 16 NSO pairs of the benchmark CNN on CPU) and keep every
@@ -51,8 +52,71 @@ MAX_UNROLLED = 512
 MAX_AUTO_VMAPPED = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How repeated evaluations run: NSO's pairs, probes, noise draws.
+
+  A frozen, hashable value, checked when it is built. Every function of
+  nso_jax that repeats an evaluation takes it as ``execution=``; a strategy
+  name alone (``execution="map"``) is shorthand for ``Execution("map")``.
+
+  Attributes:
+    strategy: ``"auto"`` (:func:`default_execution`), ``"vmap"`` (all at
+      once), ``"map"`` (a loop over chunks, memory of one chunk) or
+      ``"unroll"`` (one after another in the compiled graph).
+    chunk_size: evaluations per step of ``"map"``; ``None`` for
+      :func:`default_chunk_size` (1 on CPU, 16 on accelerators).
+    axis: inside :func:`jax.shard_map`, the mesh axis (or a tuple of axes)
+      whose devices split the evaluations, combined by one ``psum``. For NSO
+      these are its pairs, all on the same batch; for the Hessian tools,
+      their probes. The result does not depend on the number of devices
+      beyond summation order.
+
+  Example:
+    >>> from nso_jax import batching
+    >>> batching.Execution("map", chunk_size=4)
+    Execution(strategy='map', chunk_size=4, axis=None)
+    >>> batching.Execution("vmap", chunk_size=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: `chunk_size`=4 applies only to strategy='map', got strategy='vmap'.
+  """
+
+  strategy: Strategy = "auto"
+  chunk_size: int | None = None
+  axis: mesh.AxisName | None = None
+
+  def __post_init__(self) -> None:
+    checks.check_choice(self.strategy, STRATEGIES, "strategy")
+    if self.chunk_size is not None:
+      chunk_size = checks.check_positive_int(self.chunk_size, "chunk_size")
+      if self.strategy != "map":
+        raise ValueError(
+          f"`chunk_size`={chunk_size} applies only to strategy='map', got "
+          f"strategy={self.strategy!r}."
+        )
+      object.__setattr__(self, "chunk_size", chunk_size)
+    mesh.check_axis_name(self.axis, "axis", bound=False)
+
+
+ExecutionLike = Execution | Strategy
+
+
+def as_execution(execution: Any, name: str = "execution") -> Execution:
+  """``execution`` as an :class:`Execution` (a strategy name is shorthand)."""
+  if isinstance(execution, Execution):
+    return execution
+  if isinstance(execution, str):
+    checks.check_choice(execution, STRATEGIES, name)
+    return Execution(cast(Strategy, execution))
+  raise TypeError(
+    f"`{name}` must be a batching.Execution or one of {STRATEGIES}, got "
+    f"{execution!r}."
+  )
+
+
 def default_chunk_size(backend: str | None = None) -> int:
-  """The chunk of ``execution="map"`` when ``chunk_size`` is not given.
+  """The chunk of ``"map"`` when ``chunk_size`` is not given.
 
   On CPU one evaluation at a time (the fastest there, see
   :func:`default_execution`); on accelerators 16, as many as ``"auto"``
@@ -71,8 +135,8 @@ def default_chunk_size(backend: str | None = None) -> int:
 
 def default_execution(
   backend: str | None = None, *, convolutional: bool = False, size: int = 1
-) -> Execution:
-  """Returns the strategy ``execution="auto"`` resolves to on ``backend``.
+) -> Strategy:
+  """The strategy ``"auto"`` resolves to on ``backend``: the one rule.
 
   Accelerators run up to 16 evaluations (NSO's pairs) as one batched
   computation (``"vmap"``); more (such as 100 trace probes) run in chunks
@@ -93,7 +157,7 @@ def default_execution(
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
     convolutional: whether the function computes convolutions (see
       :func:`computes_convolutions`).
-    size: the number of evaluations (NSO pairs, or probes).
+    size: the number of evaluations on one device (NSO pairs, or probes).
 
   Returns:
     ``"vmap"``, ``"map"`` or ``"unroll"``.
@@ -126,11 +190,6 @@ def _uses_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
-def jaxpr_convolves(jaxpr: Any) -> bool:
-  """Whether a ``Jaxpr`` convolves anywhere, nested jaxprs included."""
-  return _uses_primitive(jaxpr, "conv_general_dilated")
-
-
 def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
   """Whether ``fn(*args)`` convolves anywhere, nested computations included.
 
@@ -143,184 +202,69 @@ def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
     >>> batching.computes_convolutions(jax.grad(lambda x: conv(x).sum()), jnp.ones(5))
     True
   """
-  return jaxpr_convolves(jax.make_jaxpr(fn)(*args).jaxpr)
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return _uses_primitive(jaxpr, "conv_general_dilated")
 
 
-def check_execution(execution: Any, chunk_size: Any) -> tuple[Execution, int | None]:
-  """Validates an execution strategy and its chunk size."""
-  execution = cast(Execution, checks.check_choice(execution, EXECUTIONS, "execution"))
-  if chunk_size is not None:
-    chunk_size = checks.check_positive_int(chunk_size, "chunk_size")
-    if execution != "map":
-      raise ValueError(
-        f"`chunk_size` applies only to execution='map', got chunk_size="
-        f"{chunk_size} with execution={execution!r}."
-      )
-  return execution, chunk_size
+class Resolved(NamedTuple):
+  """An :class:`Execution` resolved for ``size`` evaluations on this device."""
+
+  strategy: Literal["vmap", "map", "unroll"]
+  chunk_size: int  # evaluations per step of "map"
+  axes: tuple[str, ...]
+  num_devices: int
+  size: int  # the global number of evaluations
+  local_size: int  # this device's share
 
 
-def check_unrolled_size(execution: str, size: int) -> None:
-  if execution == "unroll" and size > MAX_UNROLLED:
-    raise ValueError(
-      f"`execution`='unroll' with {size} evaluations would trace {size} copies "
-      f"of the function (minutes of compiling); unroll at most {MAX_UNROLLED}, "
-      "or use execution='map' (memory of one chunk) or 'vmap'."
-    )
+def resolve(
+  execution: ExecutionLike, size: int, fn: Callable[[jax.Array], Any] | None = None
+) -> Resolved:
+  """Resolves ``execution`` for ``size`` evaluations of ``fn``: the one place.
 
-
-def resolve_execution(
-  execution: str, size: int, fn: Callable[[jax.Array], Any] | None = None
-) -> Execution:
-  """``execution``, with ``"auto"`` resolved by :func:`default_execution`.
-
-  ``fn``, a function of one index, is traced to find out whether it convolves;
-  without it, it is taken not to.
+  The per-device share is decided here, and ``"auto"`` by
+  :func:`default_execution` on that share; ``fn``, a function of one index,
+  is traced to find out whether it convolves (without it, it is taken not
+  to).
   """
-  if execution != "auto":
-    return cast(Execution, execution)
-  convolutional = fn is not None and computes_convolutions(fn, jnp.int32(0))
-  return default_execution(convolutional=convolutional, size=size)
-
-
-def _plan(
-  fn: Callable[[jax.Array], Any], size: Any, execution: Any, chunk_size: Any
-) -> tuple[int, Execution, int | None]:
-  """Checks the arguments of a seam and resolves ``"auto"``."""
+  execution = as_execution(execution)
   size = checks.check_positive_int(size, "size")
-  execution, chunk_size = check_execution(execution, chunk_size)
-  execution = resolve_execution(execution, size, fn)
-  check_unrolled_size(execution, size)
-  return size, execution, chunk_size
-
-
-def check_axis_name(
-  axis_name: Any, name: str, *, bound: bool = True
-) -> tuple[str, ...]:
-  """The mesh axes ``axis_name`` names, checked to be bound here.
-
-  With ``bound=False`` only the names are checked (when building a
-  transformation, outside the mapped function).
-
-  Returns:
-    The axis names as a tuple (``()`` for ``None``).
-
-  Raises:
-    TypeError: when the names are not strings (or a tuple of them).
-    ValueError: when a name is repeated, or not an axis of the enclosing
-      :func:`jax.shard_map` or :func:`jax.pmap`.
-  """
-  if axis_name is None:
-    return ()
-  names = (axis_name,) if isinstance(axis_name, str) else axis_name
-  if not isinstance(names, tuple) or not names:
-    raise TypeError(
-      f"`{name}` must be a mesh axis name or a tuple of them, got {axis_name!r}."
+  axes = mesh.check_axis_name(execution.axis, "execution.axis")
+  num_devices = mesh.axis_size(axes)
+  local_size = -(-size // num_devices)
+  strategy = execution.strategy
+  if strategy == "auto":
+    convolutional = fn is not None and computes_convolutions(fn, jnp.int32(0))
+    strategy = default_execution(convolutional=convolutional, size=local_size)
+  if strategy == "unroll" and local_size > MAX_UNROLLED:
+    raise ValueError(
+      f"`execution`='unroll' with {local_size} evaluations would trace "
+      f"{local_size} copies of the function (minutes of compiling); unroll at "
+      f"most {MAX_UNROLLED}, or use 'map' (memory of one chunk) or 'vmap'."
     )
-  for axis in names:
-    if not isinstance(axis, str):
-      raise TypeError(f"`{name}` must name mesh axes with strings, got {axis!r}.")
-    if not bound:
-      continue
-    try:
-      jax.lax.psum(1, axis)
-    except NameError:
-      raise ValueError(
-        f"`{name}`={axis!r} is not an axis of the enclosing jax.shard_map or "
-        "jax.pmap: call this inside a function mapped over a mesh with that "
-        "axis (e.g. jax.shard_map(step, mesh=mesh, ...))."
-      ) from None
-  if len(set(names)) != len(names):
-    raise ValueError(f"`{name}` names an axis twice: {axis_name!r}.")
-  return names
+  chunk = min(execution.chunk_size or default_chunk_size(), local_size)
+  return Resolved(strategy, chunk, axes, num_devices, size, local_size)
 
 
-def axis_size(axes: tuple[str, ...]) -> int:
-  """The number of devices along ``axes`` (1 for none), a Python int."""
-  return int(jax.lax.psum(1, axes)) if axes else 1
-
-
-def device_index(axes: tuple[str, ...]) -> jax.Array:
-  """This device's index along ``axes``, row-major over them (0 for none)."""
-  return jax.lax.axis_index(axes) if axes else jnp.int32(0)
-
-
-def _varying_axes(aval: Any) -> frozenset[str]:
-  """The manual mesh axes over which a value (or its shape) may vary."""
-  manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # JAX < 0.9; none before 0.6.1
-
-
-def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """``x``, typed as varying over ``axes`` as well, as ``shard_map`` asks.
-
-  JAX versions without these types (before 0.6.1) get ``x`` unchanged.
-  """
-  if not axes:
-    return x
-  aval = jax.typeof(x)
-  if not (hasattr(aval, "manual_axis_type") or hasattr(aval, "vma")):
-    return x
-  missing = tuple(a for a in axes if a not in _varying_axes(aval))
-  if not missing:
-    return x
-  pcast = getattr(jax.lax, "pcast", None)
-  if pcast is not None:
-    return pcast(x, missing, to="varying")
-  return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX < 0.9
-
-
-def vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
-  """``x``, typed as varying over the mesh axes ``like`` varies over.
-
-  Inside ``shard_map``, loop carries and ``cond`` branches must agree on
-  this type: a buffer of zeros that will hold per-device values is marked.
-  """
-  return mark_varying(x, tuple(sorted(_varying_axes(jax.typeof(like)))))
-
-
-def psum_varying(tree: Any, axes: tuple[str, ...]) -> Any:
-  """``psum`` over ``axes``, one collective, of values that may be invariant.
-
-  A value the same on every device of an axis (say, a gradient that depends
-  only on the data shard, summed over the pair axis as well) is marked
-  varying first, as ``shard_map``'s type checks ask.
-  """
-  if not axes:
-    return tree
-  return jax.lax.psum(jax.tree.map(lambda x: mark_varying(x, axes), tree), axes)
-
-
-def _zeros(shape: Any) -> jax.Array:
-  """Zeros of ``shape`` (from ``jax.eval_shape``), varying where it varies."""
-  zeros = jnp.zeros(shape.shape, shape.dtype)
-  return mark_varying(zeros, tuple(sorted(_varying_axes(shape))))
-
-
-def _on_this_device(
-  fn: Callable[[jax.Array], Any], size: int, axes: tuple[str, ...]
-) -> tuple[Callable[[jax.Array], Any], int]:
-  """``fn`` over this device's share of ``0 .. size - 1``, and its length.
+def _on_this_device(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Callable:
+  """``fn`` over this device's share of the indices.
 
   Device ``r`` of ``n`` takes the global indices ``r + i n``; where ``n``
   does not divide ``size``, the last ones run past ``size - 1``: they
   evaluate ``fn(size - 1)`` and give zeros.
   """
-  num_devices = axis_size(axes)
-  if num_devices == 1:
-    return fn, size
-  local_size = -(-size // num_devices)
-  first = device_index(axes)
+  if resolved.num_devices == 1:
+    return fn
+  first, size = mesh.device_index(resolved.axes), resolved.size
 
   def local_fn(i: jax.Array) -> Any:
-    index = first + i * num_devices
-    if size % num_devices == 0:
+    index = first + i * resolved.num_devices
+    if size % resolved.num_devices == 0:
       return fn(index)
     out = fn(jnp.minimum(index, size - 1))
     return jax.tree.map(lambda x: jnp.where(index < size, x, jnp.zeros_like(x)), out)
 
-  return local_fn, local_size
+  return local_fn
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -332,12 +276,7 @@ def _vmap_sum(fn: Callable[[jax.Array], Any], indices: jax.Array) -> Any:
 
 
 def sum_indices(
-  fn: Callable[[jax.Array], Any],
-  size: int,
-  *,
-  execution: Execution = "auto",
-  chunk_size: int | None = None,
-  axis_name: AxisName | None = None,
+  fn: Callable[[jax.Array], Any], size: int, *, execution: ExecutionLike = "auto"
 ) -> Any:
   """The sum of ``fn(i)`` over ``i = 0 .. size - 1``, run as ``execution`` says.
 
@@ -348,46 +287,32 @@ def sum_indices(
   Args:
     fn: maps an int32 index to a pytree of arrays.
     size: the number of indices, at least 1.
-    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``, for each
-      device's share.
-    chunk_size: indices per step of ``"map"`` (default
-      :func:`default_chunk_size`: 1 on CPU, 16 on accelerators).
-    axis_name: inside ``shard_map``, the mesh axis (or axes) whose devices
-      split the indices; the partial sums are combined by one ``psum``.
+    execution: an :class:`Execution` or a strategy name; with an ``axis``,
+      the devices of that mesh axis split the indices and one ``psum``
+      combines their partial sums.
 
   Returns:
-    The sum, a pytree like ``fn``'s output (the same on every device of
-    ``axis_name``).
+    The sum, a pytree like ``fn``'s output (the same on every device of the
+    execution's axis).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from nso_jax import batching
-    >>> batching.sum_indices(lambda i: i**2, 4, execution="map", chunk_size=3)
+    >>> batching.sum_indices(lambda i: i**2, 4, execution=batching.Execution("map", 3))
     Array(14, dtype=int32)
   """
-  axes = check_axis_name(axis_name, "axis_name")
-  return psum_varying(
-    partial_sum_indices(fn, size, execution, chunk_size, axes=axes), axes
-  )
+  resolved = resolve(execution, size, fn)
+  return mesh.psum_varying(partial_sum(fn, resolved), resolved.axes)
 
 
-def partial_sum_indices(
-  fn: Callable[[jax.Array], Any],
-  size: int,
-  execution: Any,
-  chunk_size: Any,
-  *,
-  axes: tuple[str, ...] = (),
-) -> Any:
+def partial_sum(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
   """This device's share of :func:`sum_indices`, before the ``psum``."""
-  size = checks.check_positive_int(size, "size")
-  fn, size = _on_this_device(fn, size, axes)
-  size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
-  if execution == "vmap":
+  fn, size = _on_this_device(fn, resolved), resolved.local_size
+  if resolved.strategy == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
-  if execution == "unroll":
+  if resolved.strategy == "unroll":
     return functools.reduce(_tree_add, (fn(jnp.int32(i)) for i in range(size)))
-  chunk = min(chunk_size or default_chunk_size(), size)
+  chunk = resolved.chunk_size
   num_chunks, remainder = divmod(size, chunk)
   step_fn = fn if chunk == 1 else functools.partial(_vmap_sum, fn)
   chunk_indices = jnp.arange(num_chunks * chunk).reshape(num_chunks, chunk)
@@ -397,7 +322,7 @@ def partial_sum_indices(
     total = step_fn(chunk_indices[0])
   else:
     shapes = jax.eval_shape(step_fn, chunk_indices[0])
-    zeros = jax.tree.map(_zeros, shapes)
+    zeros = jax.tree.map(mesh.zeros_like_shape, shapes)
     total, _ = jax.lax.scan(
       lambda carry, i: (_tree_add(carry, step_fn(i)), None), zeros, chunk_indices
     )
@@ -407,12 +332,7 @@ def partial_sum_indices(
 
 
 def map_indices(
-  fn: Callable[[jax.Array], Any],
-  size: int,
-  *,
-  execution: Execution = "auto",
-  chunk_size: int | None = None,
-  axis_name: AxisName | None = None,
+  fn: Callable[[jax.Array], Any], size: int, *, execution: ExecutionLike = "auto"
 ) -> Any:
   """``fn(i)`` for ``i = 0 .. size - 1``, stacked on a new leading axis.
 
@@ -422,52 +342,46 @@ def map_indices(
   Args:
     fn: maps an int32 index to a pytree of arrays.
     size: the number of indices, at least 1.
-    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``, for each
-      device's share.
-    chunk_size: indices per step of ``"map"`` (default
-      :func:`default_chunk_size`: 1 on CPU, 16 on accelerators).
-    axis_name: inside ``shard_map``, the mesh axis (or axes) whose devices
-      split the indices; one ``psum`` of the results, each placed at its
-      indices, stacks them in index order.
+    execution: an :class:`Execution` or a strategy name; with an ``axis``,
+      the devices of that mesh axis split the indices and one ``psum`` of
+      the results, each placed at its indices, stacks them in index order.
 
   Returns:
     A pytree like ``fn``'s output, each leaf with a leading axis of ``size``
-    (the same on every device of ``axis_name``).
+    (the same on every device of the execution's axis).
 
   Example:
     >>> from nso_jax import batching
     >>> batching.map_indices(lambda i: 2 * i, 3, execution="vmap")
     Array([0, 2, 4], dtype=int32)
   """
-  axes = check_axis_name(axis_name, "axis_name")
-  size = checks.check_positive_int(size, "size")
-  if axis_size(axes) == 1:
-    return _map_here(fn, size, execution, chunk_size)
-  local_fn, local_size = _on_this_device(fn, size, axes)
-  local = _map_here(local_fn, local_size, execution, chunk_size)
+  return map_resolved(fn, resolve(execution, size, fn))
 
-  num_devices, column = axis_size(axes), device_index(axes)
+
+def map_resolved(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
+  """:func:`map_indices` with its execution already resolved."""
+  local = _map_here(_on_this_device(fn, resolved), resolved)
+  if resolved.num_devices == 1:
+    return local
+  column = mesh.device_index(resolved.axes)
 
   def place(x: jax.Array) -> jax.Array:
     # Row i, column r of (local, devices, ...) holds global index r + i *
     # devices: flattened, that is index order. Summing the placements gathers
     # them with a result the same on every device.
-    placed = jnp.zeros((x.shape[0], num_devices, *x.shape[1:]), x.dtype)
+    placed = jnp.zeros((x.shape[0], resolved.num_devices, *x.shape[1:]), x.dtype)
     return placed.at[:, column].set(x)
 
-  gathered = psum_varying(jax.tree.map(place, local), axes)
-  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[:size], gathered)
+  gathered = mesh.psum_varying(jax.tree.map(place, local), resolved.axes)
+  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[: resolved.size], gathered)
 
 
-def _map_here(
-  fn: Callable[[jax.Array], Any], size: int, execution: Any, chunk_size: Any
-) -> Any:
-  size, execution, chunk_size = _plan(fn, size, execution, chunk_size)
-  indices = jnp.arange(size)
-  if execution == "vmap":
+def _map_here(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
+  indices = jnp.arange(resolved.local_size)
+  if resolved.strategy == "vmap":
     return jax.vmap(fn)(indices)
-  if execution == "unroll":
-    outputs = [fn(jnp.int32(i)) for i in range(size)]
+  if resolved.strategy == "unroll":
+    outputs = [fn(jnp.int32(i)) for i in range(resolved.local_size)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-  chunk = min(chunk_size or default_chunk_size(), size)
+  chunk = resolved.chunk_size
   return jax.lax.map(fn, indices, batch_size=None if chunk == 1 else chunk)
