@@ -12,22 +12,31 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
 * one call on a loss: :func:`trace`, :func:`top_eigenvalues`,
   :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`;
 
-:func:`plot_spectral_density` to draw a density; and the NSO paper's own
+:func:`plot_spectral_density` to draw a density (evaluated on a
+:class:`DensityGrid`); and the NSO paper's own
 flatness measures, also one call on a loss: :func:`noise_stability_measure`,
 :func:`layer_hessian_measure`, :func:`direction_curvature`,
 :func:`layer_traces` and :func:`trace_bound_term` (the trace term of its
 generalisation bound).
+
+Every function that repeats an evaluation (probes, noise draws, layers)
+takes one ``execution`` value, a :class:`nso_jax.batching.Execution` or a
+strategy name; inside :func:`jax.shard_map`, ``Execution(axis=...)`` splits
+that work over the devices of a mesh axis, while ``data_axis`` says over
+which axis the data, and so the loss, are split.
 
 The estimators run their loops as ``lax.scan``/``lax.while_loop``, which an
 eager call compiles anew each time: wrap repeated measurements in
 ``jax.jit`` with the parameters and the key as arguments.
 """
 
+from nso_jax._src.curvature_measures import eigenvalues
+from nso_jax._src.curvature_measures import max_eigenvalue
+from nso_jax._src.curvature_measures import spectral_density
+from nso_jax._src.curvature_measures import top_eigenvalues
+from nso_jax._src.curvature_measures import trace
 from nso_jax._src.data_plans import StackedBatches
-from nso_jax._src.flatness import NoiseStabilityEstimate
-from nso_jax._src.flatness import direction_curvature
-from nso_jax._src.flatness import layer_hessian_measure
-from nso_jax._src.flatness import noise_stability_measure
+from nso_jax._src.lanczos import DensityGrid
 from nso_jax._src.lanczos import PowerIterationResult
 from nso_jax._src.lanczos import SpectralDensity
 from nso_jax._src.lanczos import Tridiagonal
@@ -35,25 +44,25 @@ from nso_jax._src.lanczos import lanczos_eigenvalues
 from nso_jax._src.lanczos import lanczos_tridiag
 from nso_jax._src.lanczos import power_iteration
 from nso_jax._src.lanczos import stochastic_lanczos_quadrature
-from nso_jax._src.measures import eigenvalues
-from nso_jax._src.measures import max_eigenvalue
-from nso_jax._src.measures import spectral_density
-from nso_jax._src.measures import top_eigenvalues
-from nso_jax._src.measures import trace
 from nso_jax._src.operators import LinearOperator
 from nso_jax._src.operators import ggn_operator
 from nso_jax._src.operators import hessian_operator
 from nso_jax._src.operators import hvp
+from nso_jax._src.paper_measures import NoiseStabilityEstimate
+from nso_jax._src.paper_measures import TraceBound
+from nso_jax._src.paper_measures import direction_curvature
+from nso_jax._src.paper_measures import layer_hessian_measure
+from nso_jax._src.paper_measures import layer_traces
+from nso_jax._src.paper_measures import noise_stability_measure
+from nso_jax._src.paper_measures import trace_bound_term
 from nso_jax._src.plotting import plot_spectral_density
 from nso_jax._src.stochastic_trace import TraceEstimate
 from nso_jax._src.stochastic_trace import hutch_pp
 from nso_jax._src.stochastic_trace import hutchinson
 from nso_jax._src.stochastic_trace import xtrace
-from nso_jax._src.trace_bound import TraceBound
-from nso_jax._src.trace_bound import layer_traces
-from nso_jax._src.trace_bound import trace_bound_term
 
 __all__ = [
+  "DensityGrid",
   "LinearOperator",
   "NoiseStabilityEstimate",
   "PowerIterationResult",

@@ -17,6 +17,7 @@ import numpy as np
 
 from nso_jax._src import batching
 from nso_jax._src import checks
+from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import operators
 from nso_jax._src.checks import PyTree
@@ -55,11 +56,35 @@ class PowerIterationResult(NamedTuple):
   num_iters: jax.Array
 
 
+class DensityGrid(NamedTuple):
+  """Where a spectral density is evaluated, and how much it is smoothed.
+
+  Attributes:
+    size: the number of grid points, at least 2.
+    bounds: the grid's ``(low, high)``; ``None`` spans the Ritz values padded
+      by five bandwidths, so that the density integrates to one on the grid.
+    bandwidth: the Gaussian kernel's standard deviation; ``None`` uses 1% of
+      the spectral range (the ``bounds``, or the spread of the Ritz values).
+
+  Example:
+    >>> from nso_jax import hessian
+    >>> hessian.DensityGrid(size=400, bounds=(-1.0, 5.0))
+    DensityGrid(size=400, bounds=(-1.0, 5.0), bandwidth=None)
+  """
+
+  size: int = 1000
+  bounds: tuple[float, float] | None = None
+  bandwidth: float | None = None
+
+
+DEFAULT_GRID = DensityGrid()
+
+
 class SpectralDensity(NamedTuple):
   """A smoothed spectral density, ready to plot.
 
   Attributes:
-    grid: evaluation points, shape ``(grid_size,)``.
+    grid: evaluation points, shape ``(size,)`` of the :class:`DensityGrid`.
     density: the density on ``grid``; it integrates to one (the eigenvalue
       counting density is ``n * density``).
     nodes: Gauss quadrature nodes (Ritz values), ``(num_probes, num_steps)``.
@@ -145,7 +170,7 @@ def lanczos_tridiag(
       fresh = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
       fresh = orthogonalise(fresh, basis)
       fresh = fresh / jnp.linalg.norm(fresh)
-      return fresh, batching.vary_like(jnp.zeros((), dtype), beta)
+      return fresh, mesh.vary_like(jnp.zeros((), dtype), beta)
 
     def proceed(_):
       return w / jnp.where(beta > 0, beta, 1), beta
@@ -160,8 +185,8 @@ def lanczos_tridiag(
   # A spare row and entry take the residual of the last step (then dropped).
   basis = jnp.zeros((num_steps + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
   # Inside shard_map, a start that varies across devices makes every carry vary.
-  zeros = batching.vary_like(jnp.zeros(num_steps, dtype), v0)
-  init = (batching.vary_like(basis, v0), zeros, zeros)
+  zeros = mesh.vary_like(jnp.zeros(num_steps, dtype), v0)
+  init = (mesh.vary_like(basis, v0), zeros, zeros)
   basis, diagonal, off_diagonal = jax.lax.fori_loop(0, num_steps, body, init)
   return Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
 
@@ -343,12 +368,8 @@ def stochastic_lanczos_quadrature(
   *,
   num_probes: int = 4,
   num_steps: int = 64,
-  grid_size: int = 1000,
-  bandwidth: float | None = None,
-  bounds: tuple[float, float] | None = None,
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  probe_axis: batching.AxisName | None = None,
+  grid: DensityGrid = DEFAULT_GRID,
+  execution: batching.ExecutionLike = "auto",
 ) -> SpectralDensity:
   r"""The smoothed eigenvalue density of a symmetric operator by SLQ.
 
@@ -371,22 +392,18 @@ def stochastic_lanczos_quadrature(
     key: an int seed or a ``jax.random.key``.
     num_probes: independent Rademacher probes (Lanczos runs).
     num_steps: Lanczos steps per probe, capped at the dimension.
-    grid_size: the number of grid points.
-    bandwidth: the kernel's standard deviation; ``None`` uses 1% of the
-      spectral range (the ``bounds``, or the spread of the Ritz values).
-    bounds: the grid's ``(low, high)``; ``None`` spans the Ritz values padded
-      by five bandwidths, so that the density integrates to one on the grid.
-    execution: how the probes' Lanczos runs are batched, ``"auto"``,
-      ``"vmap"``, ``"map"`` or ``"unroll"`` (see
-      :func:`nso_jax.batching.map_indices`); ``"auto"`` runs one at a time
-      on CPU. Under ``vmap`` the breakdown restart of each step becomes a
-      select that always runs (a fresh vector orthogonalised against the
-      basis), so batching pays off only where matvecs dominate.
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the probes; the same key gives the same estimate on any
-      number of devices, up to rounding.
+    grid: a :class:`DensityGrid`, the grid's size and bounds and the
+      kernel's bandwidth (these settings travel together as one value, as
+      they only shape the smoothed curve, not the quadrature).
+    execution: how the probes' Lanczos runs are batched, a
+      :class:`~nso_jax.batching.Execution` or a strategy name (``"auto"``,
+      ``"vmap"``, ``"map"``, ``"unroll"``); ``"auto"`` runs one at a time on
+      CPU. Under ``vmap`` the breakdown restart of each step becomes a select
+      that always runs (a fresh vector orthogonalised against the basis), so
+      batching pays off only where matvecs dominate. Inside
+      :func:`jax.shard_map`, ``Execution(axis=...)`` splits the probes over
+      the devices of that mesh axis; the same key gives the same estimate on
+      any number of devices, up to rounding.
 
   Returns:
     A :class:`SpectralDensity`; plot it with :func:`plot_spectral_density`.
@@ -397,7 +414,7 @@ def stochastic_lanczos_quadrature(
     >>> diagonal = jnp.linspace(0.0, 1.0, 200)
     >>> density = hessian.stochastic_lanczos_quadrature(
     ...     lambda v: diagonal * v, jnp.zeros(200), key=0, num_probes=2,
-    ...     num_steps=20, grid_size=400)
+    ...     num_steps=20, grid=hessian.DensityGrid(size=400))
     >>> spacing = density.grid[1] - density.grid[0]
     >>> round(float(jnp.sum(density.density) * spacing), 3)  # integrates to one
     1.0
@@ -411,18 +428,7 @@ def stochastic_lanczos_quadrature(
   """
   num_probes = checks.check_positive_int(num_probes, "num_probes")
   num_steps = checks.check_positive_int(num_steps, "num_steps")
-  grid_size = checks.check_positive_int(grid_size, "grid_size", minimum=2)
-  execution, chunk_size = batching.check_execution(execution, chunk_size)
-  if bandwidth is not None:
-    checks.check_scalar(bandwidth, "bandwidth", minimum=0.0, open_minimum=True)
-  if bounds is not None and (len(bounds) != 2):
-    raise ValueError(f"`bounds` must be a pair (low, high) or None, got {bounds!r}.")
-  if (
-    bounds is not None
-    and not any(checks.is_traced(b) for b in bounds)
-    and not float(bounds[0]) < float(bounds[1])
-  ):
-    raise ValueError(f"`bounds` must satisfy low < high, got {bounds!r}.")
+  grid = _check_grid(grid)
   operators.check_template(template)
   operator = operators.flatten_operator(matvec, template)
   num_steps = min(num_steps, operator.dim)
@@ -438,17 +444,39 @@ def stochastic_lanczos_quadrature(
     )
     return nodes, coordinates[0] ** 2
 
-  axes = batching.check_axis_name(probe_axis, "probe_axis")
-  per_device = -(-num_probes // batching.axis_size(axes))
-  execution = batching.resolve_execution(execution, per_device, quadrature)
-  nodes, weights = batching.map_indices(
-    quadrature,
-    num_probes,
-    execution=execution,
-    chunk_size=chunk_size,
-    axis_name=probe_axis,
-  )
+  nodes, weights = batching.map_indices(quadrature, num_probes, execution=execution)
+  return _smoothed_density(nodes, weights, grid)
+
+
+def _check_grid(grid: DensityGrid) -> DensityGrid:
+  """``grid``, checked: a :class:`DensityGrid` of valid settings."""
+  if not isinstance(grid, DensityGrid):
+    raise TypeError(f"`grid` must be a hessian.DensityGrid, got {grid!r}.")
+  size = checks.check_positive_int(grid.size, "grid.size", minimum=2)
+  if grid.bandwidth is not None:
+    checks.check_scalar(
+      grid.bandwidth, "grid.bandwidth", minimum=0.0, open_minimum=True
+    )
+  bounds = grid.bounds
+  if bounds is not None and (len(bounds) != 2):
+    raise ValueError(
+      f"`grid.bounds` must be a pair (low, high) or None, got {bounds!r}."
+    )
+  if (
+    bounds is not None
+    and not any(checks.is_traced(b) for b in bounds)
+    and not float(bounds[0]) < float(bounds[1])
+  ):
+    raise ValueError(f"`grid.bounds` must satisfy low < high, got {bounds!r}.")
+  return grid._replace(size=size)
+
+
+def _smoothed_density(
+  nodes: jax.Array, weights: jax.Array, grid: DensityGrid
+) -> SpectralDensity:
+  """The Gaussian-smoothed density of the probes' quadrature rules on ``grid``."""
   dtype = nodes.dtype
+  bandwidth, bounds = grid.bandwidth, grid.bounds
   if bounds is None:
     low, high = jnp.min(nodes), jnp.max(nodes)
     width = high - low
@@ -461,8 +489,8 @@ def stochastic_lanczos_quadrature(
     kernel_width = (
       0.01 * (high - low) if bandwidth is None else jnp.asarray(bandwidth, dtype)
     )
-  grid = jnp.linspace(low, high, grid_size, dtype=dtype)
-  distance = (grid[:, None] - nodes.reshape(-1)) / kernel_width
+  points = jnp.linspace(low, high, grid.size, dtype=dtype)
+  distance = (points[:, None] - nodes.reshape(-1)) / kernel_width
   kernel = jnp.exp(-0.5 * distance**2) / (kernel_width * math.sqrt(2 * math.pi))
-  density = kernel @ weights.reshape(-1) / num_probes
-  return SpectralDensity(grid, density, nodes, weights, kernel_width)
+  density = kernel @ weights.reshape(-1) / nodes.shape[0]
+  return SpectralDensity(points, density, nodes, weights, kernel_width)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import data_plans
+from nso_jax._src import mesh
 from nso_jax._src import selection
 from nso_jax._src.checks import PyTree
 
@@ -159,7 +159,7 @@ def hessian_operator(
   data: Any,
   *,
   param_filter: selection.ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> LinearOperator:
   r"""The loss Hessian over a data set, as a matrix-free operator.
 
@@ -223,23 +223,23 @@ def hessian_operator(
     "loss_fn",
   )
 
-  data_axes = batching.check_axis_name(data_axis, "data_axis")
+  data_axes = mesh.check_axis_name(data_axis, "data_axis")
 
   def matvec(v: PyTree) -> PyTree:
     # Typed as varying over the data axes, the point and the direction give
     # this shard's product (`jax.grad` of replicated parameters would sum the
     # shards' gradients by itself).
     if data_axes:
-      v = jax.tree.map(lambda t: batching.mark_varying(t, data_axes), v)
-      point = jax.tree.map(batching.vary_like, selected, v)  # and as the probe
+      v = jax.tree.map(lambda t: mesh.mark_varying(t, data_axes), v)
+      point = jax.tree.map(mesh.vary_like, selected, v)  # and as the probe
     else:
       point = selected
     per_batch = lambda batch, tangent: hvp(restricted_loss, point, batch, tangent)
     local = data_plans.average_over_data(per_batch, plan, v)
     if not data_axes:
       return local
-    total = batching.psum_varying(local, data_axes)
-    return jax.tree.map(lambda x: x / batching.axis_size(data_axes), total)
+    total = mesh.psum_varying(local, data_axes)
+    return jax.tree.map(lambda x: x / mesh.axis_size(data_axes), total)
 
   return LinearOperator(matvec, selected)
 

@@ -39,7 +39,7 @@ def plot_spectral_density(
     >>> from nso_jax import hessian
     >>> density = hessian.stochastic_lanczos_quadrature(
     ...     lambda v: jnp.linspace(0.0, 1.0, 50) * v, jnp.zeros(50), key=0,
-    ...     num_steps=10, grid_size=100)
+    ...     num_steps=10, grid=hessian.DensityGrid(size=100))
     >>> ax = hessian.plot_spectral_density(density)
     >>> ax.get_yscale()
     'log'

@@ -7,8 +7,9 @@ Hessian of :func:`nso_jax.hessian.hessian_operator`), spends a fixed budget of
 error, so that a measured difference in flatness comes with an error bar.
 
 ``A`` must be symmetric (a Hessian or a Gauss-Newton matrix is). The products
-of independent probes run through :mod:`nso_jax.batching` (``execution`` and
-``chunk_size``), the seam NSO's perturbation pairs use too.
+of independent probes run through :mod:`nso_jax.batching`, the seam NSO's
+perturbation pairs use too, as one :class:`~nso_jax.batching.Execution` value
+says (its ``axis`` splits the probes over the devices of a mesh axis).
 """
 
 from __future__ import annotations
@@ -62,28 +63,6 @@ def _flat_probes(
   return PROBES[probe](key, shape, dtype)
 
 
-def resolve_probe_execution(
-  execution: str,
-  chunk_size: int | None,
-  num: int,
-  matvec: Matvec,
-  template: PyTree,
-  probe_axis: batching.AxisName | None = None,
-) -> batching.Execution:
-  """Checks ``execution`` and resolves ``"auto"`` for ``num`` products.
-
-  With ``probe_axis``, ``num`` is split over its devices and the rule sees
-  one device's share.
-  """
-  execution, chunk_size = batching.check_execution(execution, chunk_size)
-  axes = batching.check_axis_name(probe_axis, "probe_axis")
-  num = -(-num // batching.axis_size(axes))
-  zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.result_type(x)), template)
-  resolved = batching.resolve_execution(execution, num, lambda _: matvec(zeros))
-  batching.check_unrolled_size(resolved, num)
-  return resolved
-
-
 def mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
   num = samples.shape[0]
   mean = jnp.mean(samples)
@@ -108,9 +87,7 @@ def hutchinson(
   num_matvecs: int,
   probe: str = "rademacher",
   rtol: float | None = None,
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  probe_axis: batching.AxisName | None = None,
+  execution: batching.ExecutionLike = "auto",
 ) -> TraceEstimate:
   r"""Hutchinson's trace estimator with its standard error.
 
@@ -129,8 +106,8 @@ def hutchinson(
   With ``rtol``, the estimator follows the stopping rule of PyHessian and of
   the NSO paper: it stops at the first probe where the running mean moves by
   at most ``rtol`` times its previous value. The loop is a
-  ``jax.lax.while_loop`` over chunks of ``chunk_size`` probes (all of them
-  with ``execution="vmap"``; no host round trips); the decision is taken
+  ``jax.lax.while_loop`` over chunks of the execution's ``chunk_size`` probes
+  (all of them with ``"vmap"``; no host round trips); the decision is taken
   probe by probe, so the result does not depend on the chunks, and probes
   computed after the stop are discarded.
   Early stopping is a heuristic: the reported standard error is that of the
@@ -144,15 +121,14 @@ def hutchinson(
     probe: ``"rademacher"`` (default) or ``"normal"``.
     rtol: optional relative tolerance for early stopping (the paper uses
       ``1e-3``); ``None`` spends the whole budget.
-    execution: how the probes' products run, ``"auto"``, ``"vmap"``,
-      ``"map"`` or ``"unroll"``; see :func:`nso_jax.batching.map_indices`.
-      ``"auto"`` runs them one at a time on CPU (least memory, and fastest on
-      a 2-core CPU) and all at once on accelerators.
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the probes (not with ``rtol``); the same key gives the
-      same estimate on any number of devices, up to rounding.
+    execution: how the probes' products run, a
+      :class:`~nso_jax.batching.Execution` or a strategy name (``"auto"``,
+      ``"vmap"``, ``"map"``, ``"unroll"``). ``"auto"`` runs them one at a time
+      on CPU (least memory, and fastest on a 2-core CPU) and all at once on
+      accelerators. Inside :func:`jax.shard_map`, ``Execution(axis=...)``
+      splits the probes over the devices of that mesh axis (not with
+      ``rtol``); the same key gives the same estimate on any number of
+      devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -182,36 +158,26 @@ def hutchinson(
   sampler = probe_sampler(probe)
   rtol = _check_rtol(rtol)
   operators.check_template(template)
-  if rtol is not None and probe_axis is not None:
+  execution = batching.as_execution(execution)
+  if rtol is not None and execution.axis is not None:
     raise ValueError(
       "`rtol` stops after a data-dependent number of probes, which cannot be "
-      f"split over `probe_axis`={probe_axis!r}: pass one or the other."
+      f"split over the mesh axis {execution.axis!r} of `execution`: pass one "
+      "or the other."
     )
-  execution = resolve_probe_execution(
-    execution, chunk_size, num, matvec, template, probe_axis
-  )
   key = checks.canonicalize_key(key)
 
   def quadratic_form(probe_key: jax.Array) -> jax.Array:
     v = noise_lib.sample_noise(probe_key, template, sampler)
     return operators.tree_vdot(v, matvec(v))
 
+  sample = lambda i: quadratic_form(jax.random.fold_in(key, i))
+  resolved = batching.resolve(execution, num, sample)
   if rtol is None:
-    samples = batching.map_indices(
-      lambda i: quadratic_form(jax.random.fold_in(key, i)),
-      num,
-      execution=execution,
-      chunk_size=chunk_size,
-      axis_name=probe_axis,
-    )
-    mean, stderr = mean_and_stderr(samples)
+    mean, stderr = mean_and_stderr(batching.map_resolved(sample, resolved))
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num))
-  chunk = (
-    num
-    if execution == "vmap"
-    else min(chunk_size or batching.default_chunk_size(), num)
-  )
+  chunk = num if resolved.strategy == "vmap" else resolved.chunk_size
   return _hutchinson_early_stop(quadratic_form, keys, rtol, chunk)
 
 
@@ -269,20 +235,11 @@ def _hutchinson_early_stop(
 
 
 def _apply_to_rows(
-  operator: operators.FlatOperator,
-  rows: jax.Array,
-  execution: batching.Execution,
-  chunk_size: int | None,
-  probe_axis: batching.AxisName | None,
+  operator: operators.FlatOperator, execution: batching.Execution, rows: jax.Array
 ) -> jax.Array:
   """Returns ``rows @ A`` (``A`` symmetric), one matvec per row."""
-  return batching.map_indices(
-    lambda i: operator.matvec(rows[i]),
-    rows.shape[0],
-    execution=execution,
-    chunk_size=chunk_size,
-    axis_name=probe_axis,
-  )
+  resolved = batching.resolve(execution, rows.shape[0])
+  return batching.map_resolved(lambda i: operator.matvec(rows[i]), resolved)
 
 
 def _sketching_setup(
@@ -291,24 +248,22 @@ def _sketching_setup(
   key: checks.KeyLike,
   num: int,
   probe: str,
-  execution: str,
-  chunk_size: int | None,
-  probe_axis: batching.AxisName | None,
+  execution: batching.ExecutionLike,
 ) -> tuple[operators.FlatOperator, Callable[[jax.Array], jax.Array], jax.Array]:
-  """Checks the arguments of Hutch++ and XTrace; their flat operator and rows."""
+  """Checks the arguments of Hutch++ and XTrace; their flat operator and rows.
+
+  ``execution`` is resolved once, for the whole budget of ``num`` products;
+  each block of rows then runs with that strategy and chunk.
+  """
   probe_sampler(probe)
   operators.check_template(template)
-  resolved = resolve_probe_execution(
-    execution, chunk_size, num, matvec, template, probe_axis
-  )
+  execution = batching.as_execution(execution)
   operator = operators.flatten_operator(matvec, template)
-  rows = functools.partial(
-    _apply_to_rows,
-    operator,
-    execution=resolved,
-    chunk_size=chunk_size,
-    probe_axis=probe_axis,
-  )
+  zeros = jnp.zeros(operator.dim, operator.dtype)
+  resolved = batching.resolve(execution, num, lambda _: operator.matvec(zeros))
+  chunk_size = resolved.chunk_size if resolved.strategy == "map" else None
+  fixed = batching.Execution(resolved.strategy, chunk_size, execution.axis)
+  rows = functools.partial(_apply_to_rows, operator, fixed)
   return operator, rows, checks.canonicalize_key(key)
 
 
@@ -319,9 +274,7 @@ def hutch_pp(
   *,
   num_matvecs: int,
   probe: str = "rademacher",
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  probe_axis: batching.AxisName | None = None,
+  execution: batching.ExecutionLike = "auto",
 ) -> TraceEstimate:
   r"""Hutch++: Hutchinson after deflating a randomised low-rank sketch.
 
@@ -346,12 +299,10 @@ def hutch_pp(
     key: an int seed or a ``jax.random.key``.
     num_matvecs: the budget of matrix-vector products, at least 3.
     probe: ``"rademacher"`` (default) or ``"normal"``.
-    execution: how the products run (see :func:`hutchinson`).
-    chunk_size: products per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the products; the same key gives the same estimate on any
-      number of devices, up to rounding.
+    execution: how the products run, a :class:`~nso_jax.batching.Execution`
+      or a strategy name (see :func:`hutchinson`); its ``axis`` splits the
+      products over the devices of a mesh axis, and the same key gives the
+      same estimate on any number of devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -370,9 +321,7 @@ def hutch_pp(
     estimation", SOSA 2021.
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=3)
-  operator, rows, key = _sketching_setup(
-    matvec, template, key, num, probe, execution, chunk_size, probe_axis
-  )
+  operator, rows, key = _sketching_setup(matvec, template, key, num, probe, execution)
   sketch_size = min(num // 3, operator.dim)
   num_probes = num - 2 * sketch_size
   sketch_key, probe_key = jax.random.split(key)
@@ -395,9 +344,7 @@ def xtrace(
   *,
   num_matvecs: int,
   probe: str = "rademacher",
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
-  probe_axis: batching.AxisName | None = None,
+  execution: batching.ExecutionLike = "auto",
 ) -> TraceEstimate:
   r"""XTrace: the exchangeable, leave-one-out version of Hutch++.
 
@@ -432,12 +379,10 @@ def xtrace(
     key: an int seed or a ``jax.random.key``.
     num_matvecs: the budget of matrix-vector products, at least 2.
     probe: ``"rademacher"`` (default) or ``"normal"``.
-    execution: how the products run (see :func:`hutchinson`).
-    chunk_size: products per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the products; the same key gives the same estimate on any
-      number of devices, up to rounding.
+    execution: how the products run, a :class:`~nso_jax.batching.Execution`
+      or a strategy name (see :func:`hutchinson`); its ``axis`` splits the
+      products over the devices of a mesh axis, and the same key gives the
+      same estimate on any number of devices, up to rounding.
 
   Returns:
     A :class:`TraceEstimate`.
@@ -456,9 +401,7 @@ def xtrace(
     stochastic trace estimation", SIAM J. Matrix Anal. Appl., 2024.
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs", minimum=2)
-  operator, rows, key = _sketching_setup(
-    matvec, template, key, num, probe, execution, chunk_size, probe_axis
-  )
+  operator, rows, key = _sketching_setup(matvec, template, key, num, probe, execution)
   size = min(num // 2, operator.dim)
 
   omega = _flat_probes(key, (size, operator.dim), operator.dtype, probe).T

@@ -1,9 +1,14 @@
-"""One-call flatness measures of the loss Hessian.
+"""Curvature measures of a loss: the Hessian's trace, eigenvalues and density.
 
-Each function builds the Hessian operator of a loss over a data set
-(:func:`~nso_jax.hessian.hessian_operator`) and runs one estimator of
-:mod:`nso_jax.hessian` on it: :func:`trace`, :func:`eigenvalues`,
-:func:`top_eigenvalues`, :func:`max_eigenvalue` and :func:`spectral_density`.
+Each function is thin: it builds the Hessian operator of a loss over a data
+set (:func:`~nso_jax.hessian.hessian_operator`, with its ``param_filter`` and
+``data_axis``) and runs one estimator of :mod:`nso_jax.hessian` on it:
+:func:`trace`, :func:`eigenvalues`, :func:`top_eigenvalues`,
+:func:`max_eigenvalue` and :func:`spectral_density`. They take the settings
+that measurements vary; an estimator's rarer ones (Gaussian probes, say) are
+had by calling it on the operator:
+``hutchinson(*hessian_operator(loss_fn, params, data), key, num_matvecs=100,
+probe="normal")``. With the same settings the two give the same bits.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import lanczos
+from nso_jax._src import mesh
 from nso_jax._src import operators
 from nso_jax._src import stochastic_trace
 from nso_jax._src.checks import PyTree
@@ -32,13 +38,10 @@ def trace(
   *,
   num_matvecs: int = 100,
   method: str = "hutchinson",
-  probe: str = "rademacher",
   rtol: float | None = None,
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
+  execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
-  probe_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> stochastic_trace.TraceEstimate:
   r"""The trace of the loss Hessian, with its standard error.
 
@@ -48,7 +51,10 @@ def trace(
   100 of them and a ``1e-3`` relative early stop: pass ``rtol=1e-3`` for that
   protocol. The default spends the whole budget, so that the standard error is
   calibrated. ``"hutch++"`` and ``"xtrace"`` converge faster when a few sharp
-  directions dominate the trace.
+  directions dominate the trace. The probes are Rademacher vectors, the
+  lowest-variance choice; for Gaussian ones call
+  :func:`~nso_jax.hessian.hutchinson` on
+  :func:`~nso_jax.hessian.hessian_operator`.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
@@ -58,20 +64,18 @@ def trace(
     key: an int seed or a ``jax.random.key``.
     num_matvecs: the budget of Hessian-vector products.
     method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
-    probe: ``"rademacher"`` (default) or ``"normal"``.
     rtol: relative early-stop tolerance, Hutchinson only; ``None`` for none.
-    execution: how the probes' products run (see
+    execution: how the probes' products run, a
+      :class:`~nso_jax.batching.Execution` or a strategy name (see
       :func:`~nso_jax.hessian.hutchinson`); ``"auto"`` runs them one at a
-      time on CPU (least memory, fastest on small CPUs).
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
+      time on CPU (least memory, fastest on small CPUs). Inside
+      :func:`jax.shard_map`, ``Execution(axis=...)`` splits the probes over
+      the devices of that mesh axis.
     param_filter: restricts to some leaves, e.g. one layer (see
       :func:`hessian_operator`).
     data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
       which ``data`` is split, ``loss_fn`` being the shard's loss (see
       :func:`hessian_operator`).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
   Returns:
     A :class:`~nso_jax.hessian.TraceEstimate` ``(value, stderr, num_matvecs)``.
@@ -100,27 +104,12 @@ def trace(
   )
   if method == "hutchinson":
     return stochastic_trace.hutchinson(
-      *operator,
-      key,
-      num_matvecs=num_matvecs,
-      probe=probe,
-      rtol=rtol,
-      execution=execution,
-      chunk_size=chunk_size,
-      probe_axis=probe_axis,
+      *operator, key, num_matvecs=num_matvecs, rtol=rtol, execution=execution
     )
   estimator = (
     stochastic_trace.hutch_pp if method == "hutch++" else stochastic_trace.xtrace
   )
-  return estimator(
-    *operator,
-    key,
-    num_matvecs=num_matvecs,
-    probe=probe,
-    execution=execution,
-    chunk_size=chunk_size,
-    probe_axis=probe_axis,
-  )
+  return estimator(*operator, key, num_matvecs=num_matvecs, execution=execution)
 
 
 def eigenvalues(
@@ -134,7 +123,7 @@ def eigenvalues(
   num_steps: int | None = None,
   return_eigenvectors: bool = False,
   param_filter: ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """Extreme eigenvalues of the loss Hessian by Lanczos.
 
@@ -193,7 +182,7 @@ def top_eigenvalues(
   num_steps: int | None = None,
   return_eigenvectors: bool = False,
   param_filter: ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """The ``num_eigenvalues`` largest eigenvalues of the loss Hessian, decreasing.
 
@@ -247,7 +236,7 @@ def max_eigenvalue(
   num_iters: int = 100,
   tol: float = 1e-8,
   param_filter: ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> lanczos.PowerIterationResult:
   """The largest-magnitude Hessian eigenvalue by power iteration, as in the paper.
 
@@ -294,14 +283,10 @@ def spectral_density(
   *,
   num_probes: int = 4,
   num_steps: int = 64,
-  grid_size: int = 1000,
-  bandwidth: float | None = None,
-  bounds: tuple[float, float] | None = None,
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
+  grid: lanczos.DensityGrid = lanczos.DEFAULT_GRID,
+  execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
-  data_axis: batching.AxisName | None = None,
-  probe_axis: batching.AxisName | None = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> lanczos.SpectralDensity:
   """The smoothed eigenvalue density of the loss Hessian (SLQ).
 
@@ -315,21 +300,17 @@ def spectral_density(
     key: an int seed or a ``jax.random.key``.
     num_probes: independent Lanczos runs.
     num_steps: Lanczos steps per run.
-    grid_size: the number of grid points.
-    bandwidth: the Gaussian kernel's standard deviation; ``None`` uses 1% of
-      the spectral range.
-    bounds: the grid's ``(low, high)``; ``None`` chooses them from the Ritz
-      values.
-    execution: how the probes' Lanczos runs are batched (see
-      :func:`~nso_jax.hessian.stochastic_lanczos_quadrature`).
-    chunk_size: probes per step of ``execution="map"`` (default 1 on
-      CPU, 16 on accelerators).
+    grid: a :class:`~nso_jax.hessian.DensityGrid`: the grid's size and
+      bounds and the Gaussian kernel's bandwidth (by default 1,000 points
+      over the Ritz values, smoothed by 1% of their range).
+    execution: how the probes' Lanczos runs are batched, a
+      :class:`~nso_jax.batching.Execution` or a strategy name (see
+      :func:`~nso_jax.hessian.stochastic_lanczos_quadrature`); its ``axis``
+      splits the probes over the devices of a mesh axis.
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
     data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
       which ``data`` is split, ``loss_fn`` being the shard's loss (see
       :func:`hessian_operator`).
-    probe_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) whose
-      devices split the probes (see :func:`~nso_jax.hessian.hutchinson`).
 
   Returns:
     A :class:`~nso_jax.hessian.SpectralDensity`.
@@ -340,7 +321,7 @@ def spectral_density(
     >>> loss = lambda w, x: 0.5 * jnp.mean(jnp.sum(x * w ** 2, axis=-1))
     >>> x = jnp.linspace(0.0, 1.0, 30)[None]
     >>> density = hessian.spectral_density(loss, jnp.ones(30), x, key=0,
-    ...                                    num_steps=10, grid_size=200)
+    ...     num_steps=10, grid=hessian.DensityGrid(size=200))
     >>> density.grid.shape, density.density.shape
     ((200,), (200,))
   """
@@ -352,10 +333,6 @@ def spectral_density(
     key,
     num_probes=num_probes,
     num_steps=num_steps,
-    grid_size=grid_size,
-    bandwidth=bandwidth,
-    bounds=bounds,
+    grid=grid,
     execution=execution,
-    chunk_size=chunk_size,
-    probe_axis=probe_axis,
   )
