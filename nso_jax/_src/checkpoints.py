@@ -19,7 +19,6 @@ import shutil
 import threading
 import uuid
 import zlib
-from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 from typing import NoReturn
@@ -28,9 +27,6 @@ import jax
 import numpy as np
 
 from nso_jax._src import checks
-
-LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
-
 
 # Orbax writes a checkpoint into "<name>.orbax-checkpoint-tmp" and renames it to
 # "<name>" once complete. save_checkpoint has it write "<name>.nso-saving-<id>",

@@ -27,6 +27,7 @@ from nso_jax._src import mesh
 from nso_jax._src import selection
 from nso_jax._src.checks import PyTree
 
+# A loss as the curvature tools take it: (params, batch) -> scalar mean loss.
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 Matvec = Callable[[PyTree], PyTree]
 

@@ -28,7 +28,8 @@ from flax.training import train_state
 
 from nso_jax._src import checks
 
-LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
+# A Linen step's loss: (params, batch_stats) -> (scalar loss, aux dict).
+LossWithAuxFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
 
 
 class TrainState(train_state.TrainState):
@@ -144,7 +145,7 @@ def _check_loss_output(output: Any) -> tuple[Any, Mapping[str, Any]]:
 
 def train_step(
   state: TrainState,
-  loss_fn: LossFn,
+  loss_fn: LossWithAuxFn,
   *,
   clean_gradient: bool = True,
 ) -> tuple[TrainState, dict[str, Any]]:
