@@ -21,11 +21,14 @@ import numpy as np
 import pytest
 
 import nso_jax
+from nso_jax.app import classifier
 from nso_jax.app import cli
 from nso_jax.app import data
 from nso_jax.app import interrupts
 from nso_jax.app import job
-from nso_jax.app import report
+from nso_jax.app import measures
+from nso_jax.app import output
+from nso_jax.app import settings
 
 TINY = [
   "train",
@@ -60,8 +63,8 @@ def no_training(monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError("the job started training before refusing its settings")
 
-  monkeypatch.setattr(job, "train_optimizer", forbidden)
-  monkeypatch.setattr(job, "make_curvature_measure", forbidden)
+  monkeypatch.setattr(classifier, "train", forbidden)
+  monkeypatch.setattr(measures, "make_measure", forbidden)
 
 
 def _check_png(path):
@@ -288,11 +291,14 @@ def test_absurd_sizes_are_refused_before_training(
 
 
 def test_sizes_at_their_bounds_are_accepted():
-  limits = {name: limit for name, (limit, _) in job.SIZE_LIMITS.items()}
-  config = job.Config(**limits, hidden=(job.MAX_WIDTH,) * job.MAX_DEPTH)
+  widths = settings.SPECS["hidden"].rule
+  config = job.Config(
+    **settings.limits(job.Config), hidden=(widths.max_width,) * widths.max_depth
+  )
   assert config.seeds == 64 and config.epochs == 10_000
   assert config.num_perturbations == 64 and config.hessian_matvecs == 10_000
-  assert job.parameter_count((job.MAX_WIDTH,), 64, 10) < job.MAX_PARAMETERS
+  count = classifier.parameter_count((widths.max_width,), 64, 10)
+  assert count < settings.MAX_PARAMETERS
 
 
 def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys, no_training):
@@ -346,25 +352,6 @@ def test_out_in_a_read_only_folder_is_refused_before_training(
   assert os.listdir(read_only) == []
 
 
-@pytest.fixture(scope="module")
-def compiled_measures():
-  return {}
-
-
-@pytest.fixture
-def reuse_compiled_measure(monkeypatch, compiled_measures):
-  """Compiles the curvature measure once for the tests of what comes after it."""
-  make = job.make_curvature_measure
-
-  def cached(data, config):
-    key = (data.name, dataclasses.replace(config, output=".", plots=False))
-    if key not in compiled_measures:
-      compiled_measures[key] = make(data, config)
-    return compiled_measures[key]
-
-  monkeypatch.setattr(job, "make_curvature_measure", cached)
-
-
 def _failing_dump(exception):
   def dump(results, file, **kwargs):
     file.write('{"config": {"epochs": 1,')
@@ -387,12 +374,12 @@ def _failing_dump(exception):
   ],
 )
 def test_failed_write_leaves_no_partial_results(
-  tmp_path, capsys, monkeypatch, reuse_compiled_measure, exception, status, message
+  tmp_path, capsys, monkeypatch, exception, status, message
 ):
   out = tmp_path / "run"
   out.mkdir()
   (out / "results.json").write_text('{"from": "an earlier run"}')
-  monkeypatch.setattr(report.json, "dump", _failing_dump(exception))
+  monkeypatch.setattr(output.json, "dump", _failing_dump(exception))
   argv = [*FAST, f"--out={out}"]
   argv.remove("--no-plots")
   assert cli.main(argv) == status
@@ -403,18 +390,16 @@ def test_failed_write_leaves_no_partial_results(
 
 
 def test_a_bug_while_writing_keeps_its_traceback_and_leaves_no_file(
-  tmp_path, monkeypatch, reuse_compiled_measure
+  tmp_path, monkeypatch
 ):
   out = tmp_path / "run"
-  monkeypatch.setattr(report.json, "dump", _failing_dump(RuntimeError("bug")))
+  monkeypatch.setattr(output.json, "dump", _failing_dump(RuntimeError("bug")))
   with pytest.raises(RuntimeError, match="bug"):
     cli.main([*FAST, f"--out={out}"])
   assert os.listdir(out) == []
 
 
-def test_interruption_after_writing_says_what_was_written(
-  tmp_path, reuse_compiled_measure
-):
+def test_interruption_after_writing_says_what_was_written(tmp_path):
   def printer(line):
     if line.startswith("wrote"):
       raise KeyboardInterrupt
@@ -522,7 +507,7 @@ def test_ctrl_c_while_training_exits_130_with_one_line(tmp_path):
 
 def test_library_errors_name_fields_not_flags(tmp_path):
   with pytest.raises(
-    data.SettingError, match=r"^`num_perturbations` must be an int"
+    settings.SettingError, match=r"^`num_perturbations` must be an int"
   ) as info:
     job.Config(num_perturbations=0)
   assert info.value.field == "num_perturbations"
@@ -535,7 +520,7 @@ def test_library_errors_name_fields_not_flags(tmp_path):
   assert info.value.field == "data"
   tiny = job.Config(batch_size=5000, output=str(tmp_path / "out"), progress=False)
   with pytest.raises(
-    data.SettingError, match=r"^`batch_size` \(5000\) exceeds the 1257 training"
+    settings.SettingError, match=r"^`batch_size` \(5000\) exceeds the 1257 training"
   ) as info:
     job.run(tiny, printer=lambda _: None)
   assert info.value.field == "batch_size"

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import nso_jax
+from nso_jax.app import classifier
 from nso_jax.app import cli
 from nso_jax.app import experiments
-from nso_jax.app import job
+from nso_jax.app import optimizers
 from nso_jax.app.experiments import classify
 
 TINY = [
@@ -119,18 +120,22 @@ def test_finetune(tmp_path):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_methods_are_matched_in_gradient_evaluations(k):
-  config = classify.job_config(classify.Settings(epochs=7, num_perturbations=k))
-  plans = {method: classify.method_plan(method, config) for method in classify.METHODS}
+  settings = classify.Settings(epochs=7, num_perturbations=k, hidden=(4, 4))
+  plans = {
+    method: optimizers.method_plan(method, settings) for method in optimizers.METHODS
+  }
   # SGD for NSO's gradient evaluations: 2k times the epochs at 1 per step.
-  assert plans["sgd-long"]["optimizer"] == "sgd"
-  assert plans["sgd-long"]["config"].epochs == 2 * k * 7
+  assert plans["sgd-long"].optimizer == "sgd"
+  assert plans["sgd-long"].training.epochs == 2 * k * 7
   # RWP: 2k one-sided draws per step, NSO's 2k gradient evaluations.
-  assert plans["rwp"]["config"].num_perturbations == 2 * k
-  assert plans["nso"]["config"].num_perturbations == k
-  _, per_step, _ = job.make_optimizer("rwp", plans["rwp"]["config"])
-  assert per_step == job.make_optimizer("nso", config)[1] == 2 * k
-  head = plans["nso-head"]["param_filter"]
-  params = job.MLP((4, 4), 3).init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+  assert plans["rwp"].training.num_perturbations == 2 * k
+  assert plans["nso"].training.num_perturbations == k
+  rwp = optimizers.make_optimizer("rwp", plans["rwp"].training)
+  nso = optimizers.make_optimizer("nso", settings)
+  assert rwp.gradient_evaluations == nso.gradient_evaluations == 2 * k
+  head = plans["nso-head"].param_filter
+  model = classifier.MLP((4, 4), 3)
+  params = model.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
   leaves = jax.tree_util.tree_leaves_with_path(params)
   chosen = [head(path, leaf) for path, leaf in leaves]
   assert chosen == [False] * 4 + [True] * 2  # Dense_2's bias and kernel

@@ -1,8 +1,11 @@
-"""Classification data for the main job: the bundled digits or a user's file.
+"""Classification data: the bundled digits, a user's file, and their variants.
 
 Both loaders return a :class:`Dataset` split into stratified train and test
 sets and standardised with the training statistics. What cannot be used
-raises :class:`DataError`, which names the argument at fault.
+raises :class:`DataError`, which names the argument at fault. The
+experiments' variants are here too: a subset of the classes
+(:func:`class_subset`), flipped labels (:func:`flip_labels`,
+:func:`noisy_digits`).
 """
 
 from __future__ import annotations
@@ -14,60 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from nso_jax.app.settings import SettingError
 
-class SettingError(ValueError):
-  """A setting or argument that cannot be used, naming the field at fault.
-
-  The message is a subject naming the field, then :attr:`detail`. The subject
-  is the field in backticks, followed by :attr:`value` in parentheses when the
-  message quotes one: "`batch_size` (32) exceeds the 10 training examples.".
-  A front end that spells the fields differently (a command line's flags)
-  rebuilds the message with :meth:`message`.
-
-  Attributes:
-    field: the name of the Config field or function argument at fault.
-    detail: what is wrong with it, the message after the subject.
-    value: the value the subject quotes, or ``None`` when it quotes none.
-  """
-
-  separator = " "
-  """What joins the subject to the detail."""
-
-  def __init__(self, field: str, detail: str, *, value: Any = None):
-    self.field = field
-    self.detail = detail
-    self.value = value
-    super().__init__(self.message())
-
-  def message(self, name: str | None = None) -> str:
-    """The message, with the field spelt ``name``.
-
-    Args:
-      name: how to spell the field, e.g. a command-line flag; the subject is
-        then ``name`` and the value, if any, without parentheses. ``None``
-        spells the field in backticks.
-
-    Returns:
-      The one-line message.
-    """
-    if name is None:
-      subject = f"`{self.field}`"
-      if self.value is not None:
-        subject += f" ({self.value})"
-    else:
-      subject = name if self.value is None else f"{name} {self.value}"
-    return subject + self.separator + self.detail
-
-  def with_field(self, field: str) -> SettingError:
-    """The same error, attributed to ``field`` (e.g. the setting behind an argument).
-
-    Args:
-      field: the name the new error gives the field at fault.
-
-    Returns:
-      An error of the same type, detail and value.
-    """
-    return type(self)(field, self.detail, value=self.value)
+TEST_FRACTION = 0.3
+"""The digits' default stratified test share."""
 
 
 class DataError(SettingError):
@@ -134,7 +87,7 @@ def split_dataset(
   )
 
 
-def load_digits(test_fraction: float = 0.3) -> Dataset:
+def load_digits(test_fraction: float = TEST_FRACTION) -> Dataset:
   """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split.
 
   Args:
@@ -152,7 +105,7 @@ def load_digits(test_fraction: float = 0.3) -> Dataset:
 _SAVE_HINT = "save your data with numpy.savez(path, X=features, y=labels)."
 
 
-def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
+def load_npz(path: str, test_fraction: float = TEST_FRACTION) -> Dataset:
   """A user's classification data: an ``.npz`` file with arrays ``X`` and ``y``.
 
   Args:
@@ -166,6 +119,24 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
   Raises:
     DataError: naming what is wrong with the file (field ``path``) or the
       split (field ``test_fraction``).
+  """
+  x, y = _check_arrays(path, _read_archive(path))
+  name = os.path.basename(path)
+  with np.errstate(over="ignore", invalid="ignore"):
+    dataset = split_dataset(x.astype(np.float64), y, test_fraction, name)
+  if not (np.all(np.isfinite(dataset.x_train)) and np.all(np.isfinite(dataset.x_test))):
+    raise DataError(
+      "path",
+      "X's values are too large to standardise (their sums overflow); rescale them.",
+    )
+  return dataset
+
+
+def _read_archive(path: str) -> dict[str, Any]:
+  """The arrays of the ``.npz`` archive at ``path``.
+
+  Raises:
+    DataError: (field ``path``) when it is no readable ``.npz`` archive.
   """
   if os.path.isdir(path):
     raise DataError("path", f"{path!r} is a folder, not an .npz file.")
@@ -188,11 +159,19 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
     )
   try:
     with np.load(path, allow_pickle=False) as archive:
-      arrays = {name: archive[name] for name in archive.files}
+      return {name: archive[name] for name in archive.files}
   except Exception as error:
     raise DataError(
       "path", f"{path!r} is not a readable .npz archive ({error})."
     ) from None
+
+
+def _check_arrays(path: str, arrays: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+  """The features ``X`` and labels ``y`` of ``arrays``, checked.
+
+  Raises:
+    DataError: (field ``path``) naming what is wrong with them.
+  """
   missing = [name for name in ("X", "y") if name not in arrays]
   if missing:
     raise DataError(
@@ -226,12 +205,40 @@ def load_npz(path: str, test_fraction: float = 0.3) -> Dataset:
     raise DataError("path", "X contains NaN or infinite values.")
   if len(np.unique(y)) < 2:
     raise DataError("path", "y must contain at least two classes.")
-  name = os.path.basename(path)
-  with np.errstate(over="ignore", invalid="ignore"):
-    dataset = split_dataset(x.astype(np.float64), y, test_fraction, name)
-  if not (np.all(np.isfinite(dataset.x_train)) and np.all(np.isfinite(dataset.x_test))):
-    raise DataError(
-      "path",
-      "X's values are too large to standardise (their sums overflow); rescale them.",
-    )
-  return dataset
+  return x, y
+
+
+def class_subset(
+  x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+  """The examples of ``classes``, relabelled ``0 .. len(classes) - 1``."""
+  keep = np.isin(y, classes)
+  return x[keep], np.searchsorted(np.asarray(classes), y[keep]).astype(np.int32)
+
+
+def flip_labels(
+  labels: np.ndarray, share: float, num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
+  """``labels`` with ``round(share * n)`` of them changed to another class.
+
+  The flipped examples are drawn without replacement and each gets a
+  uniformly random class other than its own (symmetric label noise).
+  """
+  labels = labels.copy()
+  flipped = rng.choice(len(labels), round(share * len(labels)), replace=False)
+  shift = rng.integers(1, num_classes, size=len(flipped))
+  labels[flipped] = (labels[flipped] + shift) % num_classes
+  return labels
+
+
+def noisy_digits(level: float) -> tuple[Dataset, np.ndarray]:
+  """The digits with ``level`` of the training labels flipped; the flip mask.
+
+  The test labels stay clean; the flips are drawn with seed
+  ``round(1000 * level)``, so a level always flips the same labels.
+  """
+  digits = load_digits()
+  rng = np.random.default_rng(round(1000 * level))
+  noisy = flip_labels(digits.y_train, level, digits.num_classes, rng)
+  name = f"digits, {100 * level:g}% of training labels flipped"
+  return dataclasses.replace(digits, name=name, y_train=noisy), noisy != digits.y_train

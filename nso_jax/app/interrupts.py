@@ -1,11 +1,21 @@
-"""Ctrl-C during the job: deferred to safe points, reported as :class:`Interrupted`."""
+"""Ctrl-C during a command: deferred to safe points, reported as :class:`Interrupted`.
+
+:func:`run_interruptibly` runs a command's body with a :class:`RunContext`:
+where it prints, its safe points and the list of files it has written.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
+import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class DeferredInterruptions:
@@ -59,3 +69,51 @@ class Interrupted(KeyboardInterrupt):
   def __init__(self, written: Sequence[str]):
     super().__init__()
     self.written = list(written)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """What a running command is given.
+
+  Attributes:
+    printer: where its summaries, tables and the paths written go.
+    safe_point: to call between computations; raises
+      :class:`KeyboardInterrupt` there if Ctrl-C was pressed.
+    written: the output files put in place so far; the writer appends to it.
+    start: :func:`time.perf_counter` when the command started.
+  """
+
+  printer: Callable[[str], None]
+  safe_point: Callable[[], None]
+  written: list[str]
+  start: float
+
+  def seconds(self) -> float:
+    """The seconds since the command started."""
+    return time.perf_counter() - self.start
+
+
+def run_interruptibly(
+  body: Callable[[RunContext], T], printer: Callable[[str], None] = print
+) -> T:
+  """Runs ``body`` with Ctrl-C deferred to its safe points.
+
+  Args:
+    body: the command; it gets a fresh :class:`RunContext`.
+    printer: the context's printer.
+
+  Returns:
+    What ``body`` returns.
+
+  Raises:
+    Interrupted: on Ctrl-C, listing the files already written.
+  """
+  written: list[str] = []
+  try:
+    with DeferredInterruptions() as interruptions:
+      context = RunContext(
+        printer, interruptions.safe_point, written, time.perf_counter()
+      )
+      return body(context)
+  except KeyboardInterrupt:
+    raise Interrupted(written) from None

@@ -14,34 +14,33 @@ summaries), ``results.md`` (tables) and PNG plots into ``--out``:
 * ``sigma-sweep`` and ``k-sweep``: NSO's settings on noisy labels
   (:mod:`.sweeps`).
 
-Modules: :mod:`.settings` (flags and checks), :mod:`.classify` (methods,
-training and measures of the classification experiments) and
-:mod:`.output` (tables, plots, files).
+:mod:`.classify` holds the classification experiments' common settings and
+their train-and-measure step; the settings, optimizers, training, measures
+and output are the application's own (:mod:`nso_jax.app`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
+from nso_jax.app import settings as settings_lib
 from nso_jax.app.experiments import finetune
 from nso_jax.app.experiments import label_noise
 from nso_jax.app.experiments import matrix_sensing
-from nso_jax.app.experiments import settings as settings_lib
 from nso_jax.app.experiments import sweeps
-from nso_jax.app.interrupts import DeferredInterruptions
-from nso_jax.app.interrupts import Interrupted
+from nso_jax.app.interrupts import RunContext
+from nso_jax.app.interrupts import run_interruptibly
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """An experiment: its settings type, its run function and its help."""
 
-  settings: type
-  run: Callable[[Any, dict[str, Any]], dict[str, Any]]
+  settings: type[settings_lib.Settings]
+  run: Callable[[Any, RunContext], dict[str, Any]]
   help: str
 
 
@@ -64,12 +63,12 @@ EXPERIMENTS: dict[str, Experiment] = {
   ),
   "sigma-sweep": Experiment(
     sweeps.SigmaSettings,
-    sweeps.run_sigma,
+    sweeps.run,
     "NSO's noise std sigma from 0.005 to 0.2, on 20%% flipped labels",
   ),
   "k-sweep": Experiment(
     sweeps.KSettings,
-    sweeps.run_k,
+    sweeps.run,
     "NSO's pairs per step k = 1..4, on 20%% flipped labels",
   ),
 }
@@ -92,7 +91,7 @@ def flags(name: str) -> dict[str, str]:
   return settings_lib.flags(EXPERIMENTS[name].settings)
 
 
-def settings_from_args(name: str, args: argparse.Namespace) -> Any:
+def settings_from_args(name: str, args: argparse.Namespace) -> settings_lib.Settings:
   """Experiment ``name``'s settings from parsed arguments.
 
   Raises:
@@ -101,7 +100,9 @@ def settings_from_args(name: str, args: argparse.Namespace) -> Any:
   return settings_lib.from_args(EXPERIMENTS[name].settings, args)
 
 
-def run(name: str, settings: Any, printer: Callable[[str], None] = print) -> dict:
+def run(
+  name: str, settings: settings_lib.Settings, printer: Callable[[str], None] = print
+) -> dict[str, Any]:
   """Runs experiment ``name`` with ``settings`` and writes its outputs.
 
   As the main job does (:func:`nso_jax.app.job.run`), it checks its settings,
@@ -115,15 +116,5 @@ def run(name: str, settings: Any, printer: Callable[[str], None] = print) -> dic
     SettingError: naming the setting that cannot be used.
     Interrupted: on Ctrl-C, listing the files already written.
   """
-  written: list[str] = []
-  try:
-    with DeferredInterruptions() as interruptions:
-      context = {
-        "printer": printer,
-        "written": written,
-        "safe_point": interruptions.safe_point,
-        "start": time.perf_counter(),
-      }
-      return EXPERIMENTS[name].run(settings, context)
-  except KeyboardInterrupt:
-    raise Interrupted(written) from None
+  experiment = EXPERIMENTS[name]
+  return run_interruptibly(lambda context: experiment.run(settings, context), printer)

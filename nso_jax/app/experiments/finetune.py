@@ -13,18 +13,24 @@ pretrained layers and the fresh head).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from nso_jax.app import classifier
 from nso_jax.app import data as data_lib
-from nso_jax.app import job
-from nso_jax.app import report
+from nso_jax.app import optimizers
+from nso_jax.app import output
+from nso_jax.app import settings as settings_lib
 from nso_jax.app.experiments import classify
-from nso_jax.app.experiments import output
-from nso_jax.app.experiments.settings import count
-from nso_jax.app.experiments.settings import setting
+from nso_jax.app.interrupts import RunContext
+from nso_jax.app.records import MethodResult
+from nso_jax.app.settings import SHARE
+from nso_jax.app.settings import Count
+from nso_jax.app.settings import Spec
+from nso_jax.app.settings import setting
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
@@ -46,29 +52,22 @@ COLUMNS: list[output.Column] = [
 class Settings(classify.Settings):
   """Settings of ``finetune``."""
 
-  optimizers: tuple[str, ...] = setting(
-    classify.METHODS,
-    "comma-separated methods",
-    choices=classify.METHODS,
-    unique=True,
+  optimizers: tuple[str, ...] = setting(optimizers.METHODS, classify.METHODS_SPEC)
+  epochs: int = setting(100, help="fine-tuning epochs (sgd-long: 2k times more)")
+  output: str = setting("nso_experiments/finetune")
+  per_class: int = setting(
+    20,
+    Spec(
+      Count(1_000, "more than the digits hold"),
+      "fine-tuning training examples per class",
+    ),
   )
-  epochs: int = count(100, "fine-tuning epochs (sgd-long: 2k times more)", 10_000)
-  per_class: int = count(20, "fine-tuning training examples per class", 1_000)
-  pretrain_epochs: int = count(20, "SGD pretraining epochs on digits 0-4", 10_000)
+  pretrain_epochs: int = setting(
+    20, Spec(settings_lib.SPECS["epochs"].rule, "SGD pretraining epochs on digits 0-4")
+  )
   label_noise: float = setting(
-    0.0,
-    "share of fine-tuning training labels flipped",
-    valid=lambda v: 0 <= v < 1,
-    expect="a float in [0, 1)",
+    0.0, Spec(SHARE, "share of fine-tuning training labels flipped")
   )
-  output: str = setting(
-    "nso_experiments/finetune", "output folder", flag="--out", valid=bool
-  )
-
-
-def _subset(x, y, classes):
-  keep = np.isin(y, classes)
-  return x[keep], np.searchsorted(np.asarray(classes), y[keep]).astype(np.int32)
 
 
 def make_data(settings: Settings) -> tuple[data_lib.Dataset, data_lib.Dataset]:
@@ -77,21 +76,22 @@ def make_data(settings: Settings) -> tuple[data_lib.Dataset, data_lib.Dataset]:
   Raises:
     SettingError: when ``per_class`` leaves no test example of a class.
   """
-  digits = data_lib.load_digits(classify.TEST_FRACTION)
-  x_pre, y_pre = _subset(digits.x_train, digits.y_train, PRETRAIN_CLASSES)
-  x_pre_test, y_pre_test = _subset(digits.x_test, digits.y_test, PRETRAIN_CLASSES)
+  digits = data_lib.load_digits()
+  subset = data_lib.class_subset
+  x_pre, y_pre = subset(digits.x_train, digits.y_train, PRETRAIN_CLASSES)
+  x_pre_test, y_pre_test = subset(digits.x_test, digits.y_test, PRETRAIN_CLASSES)
   pretrain = data_lib.Dataset(
     "digits 0-4", x_pre, y_pre, x_pre_test, y_pre_test, len(PRETRAIN_CLASSES)
   )
   x = np.concatenate([digits.x_train, digits.x_test])
   y = np.concatenate([digits.y_train, digits.y_test])
-  x, y = _subset(x, y, FINETUNE_CLASSES)
+  x, y = subset(x, y, FINETUNE_CLASSES)
   rng = np.random.default_rng(0)
   chosen: list[int] = []
   for label in range(len(FINETUNE_CLASSES)):
     members = np.flatnonzero(y == label)
     if settings.per_class >= len(members):
-      raise data_lib.SettingError(
+      raise settings_lib.SettingError(
         "per_class",
         f"must leave test examples: class {FINETUNE_CLASSES[label]} has "
         f"{len(members)} examples.",
@@ -100,35 +100,24 @@ def make_data(settings: Settings) -> tuple[data_lib.Dataset, data_lib.Dataset]:
     chosen.extend(rng.choice(members, settings.per_class, replace=False))
   train = np.sort(np.asarray(chosen))
   test = np.setdiff1d(np.arange(len(y)), train)
-  y_train = flip_labels(y[train], settings.label_noise, len(FINETUNE_CLASSES), rng)
+  y_train = data_lib.flip_labels(
+    y[train], settings.label_noise, len(FINETUNE_CLASSES), rng
+  )
   finetune = data_lib.Dataset(
     "digits 5-9", x[train], y_train, x[test], y[test], len(FINETUNE_CLASSES)
   )
   return pretrain, finetune
 
 
-def flip_labels(
-  labels: np.ndarray, share: float, num_classes: int, rng: np.random.Generator
-) -> np.ndarray:
-  """``labels`` with ``round(share * n)`` of them changed to another class.
-
-  The flipped examples are drawn without replacement and each gets a
-  uniformly random class other than its own (symmetric label noise).
-  """
-  labels = labels.copy()
-  flipped = rng.choice(len(labels), round(share * len(labels)), replace=False)
-  shift = rng.integers(1, num_classes, size=len(flipped))
-  labels[flipped] = (labels[flipped] + shift) % num_classes
-  return labels
-
-
-def starting_points(pretrained: dict[str, Any], config: job.Config, data):
+def starting_points(
+  pretrained: classifier.Trained, hidden: tuple[int, ...], data: data_lib.Dataset
+) -> Callable[[int], Any]:
   """``seed -> params``: seed's pretrained layers with a fresh output layer."""
-  model = job.MLP(tuple(config.hidden), data.num_classes)
-  head = classify.head_name(config)
+  model = classifier.MLP(tuple(hidden), data.num_classes)
+  head = optimizers.head_name(hidden)
 
   def init_params(seed: int) -> Any:
-    params = dict(classify.seed_params(pretrained, seed))
+    params = dict(pretrained.params(seed))
     key = jax.random.fold_in(jax.random.key(seed), 7)
     params[head] = model.init(key, data.x_train[:1])["params"][head]
     return params
@@ -136,52 +125,49 @@ def starting_points(pretrained: dict[str, Any], config: job.Config, data):
   return init_params
 
 
-def run(settings: Settings, context: dict[str, Any]) -> dict[str, Any]:
+def run(settings: Settings, context: RunContext) -> dict[str, Any]:
   """Runs ``finetune`` and writes its outputs (see
   :func:`nso_jax.app.experiments.run`)."""
   pretrain_data, data = make_data(settings)
-  config = classify.job_config(settings)
-  pre_config = classify.job_config(settings, epochs=settings.pretrain_epochs)
-  job.check_fits(config, data)
-  job.check_fits(pre_config, pretrain_data)
-  classify.check_methods(settings.optimizers, config)
-  report.prepare_output(settings.output)
-  context["printer"](
+  pre_settings = dataclasses.replace(settings, epochs=settings.pretrain_epochs)
+  classifier.check_fits(settings, data)
+  classifier.check_fits(pre_settings, pretrain_data)
+  settings.check_methods()
+  output.prepare_output(settings.output)
+  context.printer(
     f"pretrain: {len(pretrain_data.x_train)} examples of digits 0-4; fine-tune: "
     f"{len(data.x_train)} examples of digits 5-9 ({settings.per_class} per "
     f"class), test: {len(data.x_test)}"
   )
-  with report.ProgressBars(settings.progress) as progress:
-    context.update(progress=progress)
-    pretrained = job.train_optimizer(
-      "sgd", pretrain_data, pre_config, progress, context["safe_point"],
-      label="pretrain on digits 0-4",
-    )  # fmt: skip
-    init_params = starting_points(pretrained, config, data)
-    context["measure"] = classify.make_measure(data, config, settings)
-    rows = [
-      classify.run_method(method, data, config, settings, context, init_params)
-      for method in settings.optimizers
-    ]
+  with output.ProgressBars(settings.progress) as progress:
+    pretrain_plan = optimizers.Plan("sgd", pre_settings, "pretrain on digits 0-4")
+    pretrained = classifier.train(
+      pretrain_plan, pretrain_data, progress, context.safe_point
+    )
+    init_params = starting_points(pretrained, settings.hidden, data)
+    rows = classify.run_methods(
+      data, settings, progress, context, init_params=init_params
+    )
   return _finish(settings, rows, pretrained, pretrain_data, data, context)
 
 
-def _finish(settings, rows, pretrained, pretrain_data, data, context):
-  metrics = tuple(metric for metric, _, _ in COLUMNS)
-  differences = classify.paired_differences(rows, metrics)
-  labels = {row["method"]: row["label"] for row in rows}
-  layers = [name for name in rows[0]["per_seed"] if name.startswith("vHv[")]
-  tables = {
-    "results": output.table(rows, COLUMNS),
-    "versus_sgd": output.differences_table(differences, labels, COLUMNS),
-    "layers": output.table(
-      rows, [(name, name, output.fmt(3)) for name in layers], compute=False
-    ),
-  }
-  pretrain_accuracy = np.asarray(pretrained["curves"]["test_accuracy"])[:, -1]
+def _finish(
+  settings: Settings,
+  rows: list[MethodResult],
+  pretrained: classifier.Trained,
+  pretrain_data: data_lib.Dataset,
+  data: data_lib.Dataset,
+  context: RunContext,
+) -> dict[str, Any]:
+  versus_sgd, tables = classify.comparison(rows, COLUMNS)
+  layers = [name for name in rows[0].per_seed if name.startswith("vHv[")]
+  tables["layers"] = output.method_table(
+    rows, [(name, name, output.fmt(3)) for name in layers], compute=False
+  )
+  pretrain_accuracy = pretrained.curves.test_accuracy[:, -1]
   results = {
     "experiment": "finetune",
-    "settings": output.settings_dict(settings),
+    "settings": settings_lib.as_json(settings),
     "data": {
       "pretrain": f"digits {PRETRAIN_CLASSES}, {len(pretrain_data.x_train)} examples",
       "finetune_train_examples": len(data.x_train),
@@ -191,8 +177,8 @@ def _finish(settings, rows, pretrained, pretrain_data, data, context):
       "measured_on": f"{min(settings.hessian_samples, len(data.x_train))} "
       "fine-tuning training examples",
     },
-    "rows": rows,
-    "versus_sgd": differences,
+    "rows": [row.to_json() for row in rows],
+    "versus_sgd": versus_sgd,
     "tables": tables,
   }
   markdown = output.markdown_document(
@@ -215,4 +201,6 @@ def _finish(settings, rows, pretrained, pretrain_data, data, context):
       "v_l^T H_l v_l per layer (v = W - W_start)",
     ),
   }
-  return output.finish(settings, results, markdown, plots, context)
+  return output.finish(
+    context, settings.output, results, markdown, plots if settings.plots else {}
+  )

@@ -19,6 +19,7 @@ import functools
 import time
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +27,17 @@ import numpy as np
 import optax
 
 import nso_jax
-from nso_jax import hessian
-from nso_jax.app import data as data_lib
-from nso_jax.app import report
-from nso_jax.app.experiments import classify
-from nso_jax.app.experiments import output
-from nso_jax.app.experiments.settings import check
-from nso_jax.app.experiments.settings import count
-from nso_jax.app.experiments.settings import positive
-from nso_jax.app.experiments.settings import setting
+from nso_jax.app import measures
+from nso_jax.app import output
+from nso_jax.app import records
+from nso_jax.app import settings as settings_lib
+from nso_jax.app.interrupts import RunContext
+from nso_jax.app.records import MethodResult
+from nso_jax.app.settings import Count
+from nso_jax.app.settings import Real
+from nso_jax.app.settings import Spec
+from nso_jax.app.settings import Values
+from nso_jax.app.settings import setting
 
 MAX_SENSING_FLOATS = 250_000_000
 """The most floats the measurement matrices may hold (1 GB in float32)."""
@@ -54,40 +57,43 @@ CURVES = (
   ("train_loss", "training loss", True),
 )
 
+_SIZE = "U and every measurement matrix hold size^2 floats"
+_STEPS = "each step is a full-batch gradient"
+
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(settings_lib.Settings):
   """Settings of ``matrix-sensing``: the paper's d = 100, r = 5, lr, sigma."""
 
-  seeds: int = count(5, "seeds 0 .. N-1: each its own problem", 64)
-  dim: int = count(100, "matrix size d (U is d x d)", 2_000)
-  rank: int = count(5, "rank r of M*", 2_000)
-  measurements: int = count(1000, "measurements m", 10_000_000)
-  steps: int = count(1000, "NSO steps (GD also runs 2k times as many)", 1_000_000)
-  record_every: int = count(10, "steps between recorded curve points", 1_000_000)
-  learning_rate: float = positive(0.0025, "GD learning rate", flag="--lr")
-  sigma: float = positive(0.02, "NSO noise std")
-  num_perturbations: int = count(1, "NSO pairs per step (k)", 64, flag="--k")
+  seeds: int = setting(5, help="seeds 0 .. N-1: each its own problem")
+  dim: int = setting(100, Spec(Count(2_000, _SIZE), "matrix size d (U is d x d)"))
+  rank: int = setting(5, Spec(Count(2_000, _SIZE), "rank r of M*"))
+  measurements: int = setting(
+    1000, Spec(Count(10_000_000, "each is a d x d matrix"), "measurements m")
+  )
+  steps: int = setting(
+    1000, Spec(Count(1_000_000, _STEPS), "NSO steps (GD also runs 2k times as many)")
+  )
+  record_every: int = setting(
+    10, Spec(Count(1_000_000, _STEPS), "steps between recorded curve points")
+  )
+  learning_rate: float = setting(0.0025, help="GD learning rate")
+  sigma: float = setting(0.02, help="NSO noise std")
+  num_perturbations: int = setting(1, help="NSO pairs per step (k)")
   init_scales: tuple[float, ...] = setting(
     (0.001, 0.1),
-    "std of U's initial entries, one run per value",
-    valid=lambda v: v > 0,
-    expect="a finite float > 0",
-    unique=True,
+    Spec(Values(Real(0.0)), "std of U's initial entries, one run per value"),
   )
-  hessian_matvecs: int = count(100, "Hutchinson probes for tr(H)", 10_000)
-  lanczos_steps: int = count(30, "Lanczos steps for the top eigenvalue", 1_000)
-  ns_eps: float = positive(0.01, "noise-stability perturbation std (eps)")
-  ns_draws: int = count(20, "noise-stability draws", 10_000)
-  output: str = setting(
-    "nso_experiments/matrix-sensing", "output folder", flag="--out", valid=bool
-  )
-  plots: bool = setting(True, "skip the PNG plots")
-  progress: bool = setting(True, "no progress bars")
+  hessian_matvecs: int = setting(100)
+  lanczos_steps: int = setting(30)
+  ns_eps: float = setting(0.01)
+  ns_draws: int = setting(20)
+  output: str = setting("nso_experiments/matrix-sensing")
+  plots: bool = setting(True)
+  progress: bool = setting(True)
 
-  def __post_init__(self):
-    check(self)
-    error = data_lib.SettingError
+  def check_together(self) -> None:
+    error = settings_lib.SettingError
     if self.rank > self.dim:
       raise error("rank", f"must be at most --dim ({self.dim}).", value=self.rank)
     if self.measurements * self.dim**2 > MAX_SENSING_FLOATS:
@@ -105,6 +111,15 @@ class Settings:
         value=self.steps,
       )
 
+  def measure_plan(self) -> measures.MeasurePlan:
+    """What is measured of each solution."""
+    return measures.MeasurePlan(
+      hessian_matvecs=self.hessian_matvecs,
+      lanczos_steps=self.lanczos_steps,
+      noise_sigma=self.ns_eps,
+      noise_draws=self.ns_draws,
+    )
+
 
 def loss_fn(u: jax.Array, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
   """The measurement loss, :math:`\\frac{1}{2m}\\sum_i
@@ -118,7 +133,16 @@ def recovery_error(u: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.linalg.norm(u @ u.T - target) / jnp.linalg.norm(target)
 
 
-def make_problem(settings: Settings, seed: int) -> dict[str, jax.Array]:
+class Problem(NamedTuple):
+  """A seed's problem: the measurements ``a``, ``y``, the target and a start."""
+
+  a: jax.Array
+  y: jax.Array
+  target: jax.Array
+  start: jax.Array
+
+
+def make_problem(settings: Settings, seed: int) -> Problem:
   """Seed ``seed``'s problem: measurements, target and the start's direction."""
   a_key, u_key, start_key = jax.random.split(jax.random.key(seed), 3)
   d = settings.dim
@@ -126,12 +150,7 @@ def make_problem(settings: Settings, seed: int) -> dict[str, jax.Array]:
   u_star = jax.random.normal(u_key, (d, settings.rank))
   target = u_star @ u_star.T
   y = jnp.einsum("mij,ij->m", a, target)
-  return {
-    "a": a,
-    "y": y,
-    "target": target,
-    "start": jax.random.normal(start_key, (d, d)),
-  }
+  return Problem(a, y, target, jax.random.normal(start_key, (d, d)))
 
 
 def make_runner(tx: optax.GradientTransformation, chunk: int, perturbed: bool):
@@ -159,45 +178,29 @@ def make_runner(tx: optax.GradientTransformation, chunk: int, perturbed: bool):
   return run_chunk
 
 
-def make_measure(settings: Settings) -> Callable[..., dict[str, jax.Array]]:
-  """A jitted ``(u, key, a, y, target) -> measures`` of the solution ``u``."""
-  lanczos_steps = min(settings.lanczos_steps, settings.dim**2)
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How a method runs, and its cost.
 
-  @jax.jit
-  def measure(u, key, a, y, target):
-    batch = (a, y)
-    trace_key, eig_key, noise_key = jax.random.split(key, 3)
-    trace = hessian.trace(
-      loss_fn, u, batch, trace_key, num_matvecs=settings.hessian_matvecs
-    )
-    top = hessian.top_eigenvalues(
-      loss_fn, u, batch, eig_key, num_eigenvalues=1, num_steps=lanczos_steps
-    )
-    stability = hessian.noise_stability_measure(
-      loss_fn,
-      u,
-      batch,
-      noise_key,
-      eps=settings.ns_eps,
-      num_draws=settings.ns_draws,
-      antithetic=True,
-    )
-    return {
-      "recovery_error": recovery_error(u, target),
-      "final_train_loss": loss_fn(u, batch),
-      "hessian_trace": trace.value,
-      "hessian_trace_stderr": trace.stderr,
-      "top_eigenvalue": top[0],
-      "noise_stability": stability.value,
-      "noise_stability_stderr": stability.stderr,
-      "factor_norm": jnp.linalg.norm(u),
-    }
+  Attributes:
+    name: its short name.
+    label: its name in tables and plots.
+    steps: the steps it runs.
+    per_step: gradient evaluations per step.
+    tx: its transformation (``None``: it is the start of another's run).
+    runner: ``record_every`` steps of it, jitted (see :func:`make_runner`).
+  """
 
-  return measure
+  name: str
+  label: str
+  steps: int
+  per_step: int
+  tx: Any = None
+  runner: Callable[..., Any] | None = None
 
 
-def methods(settings: Settings) -> dict[str, dict[str, Any]]:
-  """GD, GD for NSO's gradient evaluations, and NSO: how each runs, its cost.
+def methods(settings: Settings) -> tuple[Method, Method, Method]:
+  """GD, GD for NSO's gradient evaluations, and NSO.
 
   GD's first ``steps`` steps are the start of the long GD run: one run gives
   both.
@@ -205,36 +208,47 @@ def methods(settings: Settings) -> dict[str, dict[str, Any]]:
   k = settings.num_perturbations
   gd = optax.sgd(settings.learning_rate)
   nso = nso_jax.nso(gd, settings.sigma, k, key=0)
-  gd_runner = make_runner(gd, settings.record_every, perturbed=False)
-  return {
-    "gd": {"label": "GD", "steps": settings.steps, "per_step": 1},
-    "gd-long": {
-      "label": f"GD, {2 * k}x steps",
-      "tx": gd,
-      "runner": gd_runner,
-      "steps": 2 * k * settings.steps,
-      "per_step": 1,
-    },
-    "nso": {
-      "label": f"NSO (sigma={settings.sigma:g}, k={k})",
-      "tx": nso,
-      "runner": make_runner(nso, settings.record_every, perturbed=True),
-      "steps": settings.steps,
-      "per_step": 2 * k,
-    },
-  }
+  every = settings.record_every
+  return (
+    Method("gd", "GD", settings.steps, 1),
+    Method(
+      "gd-long",
+      f"GD, {2 * k}x steps",
+      2 * k * settings.steps,
+      1,
+      gd,
+      make_runner(gd, every, perturbed=False),
+    ),
+    Method(
+      "nso",
+      f"NSO (sigma={settings.sigma:g}, k={k})",
+      settings.steps,
+      2 * k,
+      nso,
+      make_runner(nso, every, perturbed=True),
+    ),
+  )
 
 
-def train(method: dict[str, Any], problem, u0, seed: int, chunk: int, advance):
+def train(
+  method: Method,
+  problem: Problem,
+  u0: jax.Array,
+  seed: int,
+  every: int,
+  chunk: int,
+  advance: Callable[..., None],
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Runs ``method`` from ``u0``: ``u`` after ``chunk`` chunks, final ``u``, curves."""
-  state = method["tx"].init(u0)
-  if method["per_step"] > 1:
+  assert method.tx is not None and method.runner is not None
+  state = method.tx.init(u0)
+  if method.per_step > 1:
     key = jax.random.fold_in(jax.random.key(seed), 3)
     state = optax.tree_utils.tree_set(state, key=key)
   u, losses, errors, snapshot = u0, [], [], u0
-  for index in range(method["steps"] // method["every"]):
-    u, state, loss, error = method["runner"](
-      u, state, problem["a"], problem["y"], problem["target"]
+  for index in range(method.steps // every):
+    u, state, loss, error = method.runner(
+      u, state, problem.a, problem.y, problem.target
     )
     losses.append(loss)
     errors.append(error)
@@ -245,93 +259,107 @@ def train(method: dict[str, Any], problem, u0, seed: int, chunk: int, advance):
   return snapshot, u, curves
 
 
-def run_scale(settings: Settings, scale: float, context: dict[str, Any]):
-  """All seeds at one init scale: rows for GD, GD (long) and NSO."""
-  plan = context["methods"]
-  names = ("gd", "gd-long", "nso")
-  chunks = settings.steps // settings.record_every
-  for name in names:
-    plan[name]["every"] = settings.record_every
-  per_seed: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
-  curves: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
-  seconds = {"gd-long": 0.0, "nso": 0.0}
-  total = settings.seeds * (plan["gd-long"]["steps"] + settings.steps)
-  advance = context["progress"].task(
-    f"init scale {scale:g}: GD, NSO", total // settings.record_every
-  )
+class _Recorder:
+  """Each method's per-seed measures and curves, gathered seed by seed."""
 
-  def record(name, u, curve, seed, problem):
-    values = context["measure"](
-      u, jax.random.key(1000 + seed), problem["a"], problem["y"], problem["target"]
-    )
-    values = {key: float(value) for key, value in values.items()}
+  def __init__(self, settings: Settings, names: tuple[str, ...]):
+    self.measure = measures.compile_measure(loss_fn, settings.measure_plan())
+    self.per_seed: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    self.curves: dict[str, dict[str, list[Any]]] = {name: {} for name in names}
+
+  def record(self, name: str, u, curve, seed: int, problem: Problem) -> None:
+    key = jax.random.key(1000 + seed)
+    curvature = self.measure(u, (problem.a, problem.y), key, None)
+    values = {k: v[0] for k, v in measures.curvature_metrics([curvature]).items()}
+    values["final_train_loss"] = values["measured_loss"]
+    values["recovery_error"] = float(recovery_error(u, problem.target))
     values["best_recovery_error"] = float(jnp.min(curve["recovery_error"]))
-    for key, value in values.items():
-      per_seed[name].setdefault(key, []).append(value)
-    for key, value in curve.items():
-      curves[name].setdefault(key, []).append(np.asarray(value).tolist())
+    values["factor_norm"] = float(jnp.linalg.norm(u))
+    for metric, value in values.items():
+      self.per_seed[name].setdefault(metric, []).append(value)
+    for key_name, points in curve.items():
+      self.curves[name].setdefault(key_name, []).append(np.asarray(points).tolist())
 
+
+def run_scale(
+  settings: Settings,
+  scale: float,
+  plan: tuple[Method, Method, Method],
+  progress: output.ProgressBars,
+  context: RunContext,
+) -> list[MethodResult]:
+  """All seeds at one init scale: rows for GD, GD (long) and NSO."""
+  gd, gd_long, nso = plan
+  every = settings.record_every
+  chunks = settings.steps // every
+  recorder = _Recorder(settings, (gd.name, gd_long.name, nso.name))
+  seconds = {gd_long.name: 0.0, nso.name: 0.0}
+  total = settings.seeds * (gd_long.steps + nso.steps)
+  advance = progress.task(f"init scale {scale:g}: GD, NSO", total // every)
   for seed in range(settings.seeds):
     problem = make_problem(settings, seed)
-    u0 = scale * problem["start"]
+    u0 = scale * problem.start
     start = time.perf_counter()
-    middle, u, curve = train(plan["gd-long"], problem, u0, seed, chunks, advance)
-    record("gd", middle, {k: v[:chunks] for k, v in curve.items()}, seed, problem)
-    record("gd-long", u, curve, seed, problem)
-    seconds["gd-long"] += time.perf_counter() - start
+    middle, u, curve = train(gd_long, problem, u0, seed, every, chunks, advance)
+    recorder.record(
+      gd.name, middle, {k: v[:chunks] for k, v in curve.items()}, seed, problem
+    )
+    recorder.record(gd_long.name, u, curve, seed, problem)
+    seconds[gd_long.name] += time.perf_counter() - start
     start = time.perf_counter()
-    _, u, curve = train(plan["nso"], problem, u0, seed, chunks, advance)
-    record("nso", u, curve, seed, problem)
-    seconds["nso"] += time.perf_counter() - start
-    context["safe_point"]()
+    _, u, curve = train(nso, problem, u0, seed, every, chunks, advance)
+    recorder.record(nso.name, u, curve, seed, problem)
+    seconds[nso.name] += time.perf_counter() - start
+    context.safe_point()
   return [
     # GD's run is the start of GD-long's: its time is counted there.
-    _row(name, plan[name], per_seed[name], curves[name], seconds.get(name), settings)
-    for name in names
+    MethodResult(
+      method=method.name,
+      label=method.label,
+      gradient_evaluations_per_step=method.per_step,
+      steps_per_epoch=every,
+      total_steps=method.steps,
+      train_seconds=seconds.get(method.name),
+      per_seed=recorder.per_seed[method.name],
+      curves=recorder.curves[method.name],
+    )
+    for method in plan
   ]
 
 
-def _row(name, method, per_seed, curves, seconds, settings):
-  return {
-    "method": name,
-    "label": method["label"],
-    "gradient_evaluations_per_step": method["per_step"],
-    "steps_per_epoch": settings.record_every,
-    "total_steps": method["steps"],
-    "total_gradient_evaluations": method["steps"] * method["per_step"],
-    "seconds": seconds,
-    "per_seed": per_seed,
-    "summary": {key: report.mean_std(values) for key, values in per_seed.items()},
-    "curves": curves,
-  }
-
-
-def run(settings: Settings, context: dict[str, Any]) -> dict[str, Any]:
+def run(settings: Settings, context: RunContext) -> dict[str, Any]:
   """Runs ``matrix-sensing`` and writes its outputs (see
   :func:`nso_jax.app.experiments.run`)."""
-  report.prepare_output(settings.output)
-  context["measure"] = make_measure(settings)
-  context["methods"] = methods(settings)
+  output.prepare_output(settings.output)
+  plan = methods(settings)
   groups = []
-  with report.ProgressBars(settings.progress) as progress:
-    context.update(progress=progress)
+  with output.ProgressBars(settings.progress) as progress:
     for scale in settings.init_scales:
-      groups.append((scale, run_scale(settings, scale, context)))
+      groups.append((scale, run_scale(settings, scale, plan, progress, context)))
   return _finish(settings, groups, context)
 
 
-def _finish(settings, groups, context):
-  metrics = tuple(metric for metric, _, _ in COLUMNS)
+def _finish(
+  settings: Settings,
+  groups: list[tuple[float, list[MethodResult]]],
+  context: RunContext,
+) -> dict[str, Any]:
+  metrics = [metric for metric, _, _ in COLUMNS]
   sections, scales = [], []
   for scale, rows in groups:
-    differences = classify.paired_differences(rows, metrics, baseline="gd")
-    labels = {row["method"]: row["label"] for row in rows}
+    differences = records.paired_differences(rows, metrics, baseline="gd")
+    labels = {row.method: row.label for row in rows}
     tables = {
-      "results": output.table(rows, COLUMNS),
+      "results": output.method_table(rows, COLUMNS),
       "versus_gd": output.differences_table(differences, labels, COLUMNS, "GD"),
     }
     scales.append(
-      {"init_scale": scale, "rows": rows, "versus_gd": differences, "tables": tables}
+      {
+        "init_scale": scale,
+        "rows": [row.to_json() for row in rows],
+        "versus_gd": records.differences_json(differences),
+        "tables": tables,
+      }
     )
     sections += [
       (f"init scale {scale:g} (mean ± std over seeds)", tables["results"]),
@@ -339,7 +367,7 @@ def _finish(settings, groups, context):
     ]
   results = {
     "experiment": "matrix-sensing",
-    "settings": output.settings_dict(settings),
+    "settings": settings_lib.as_json(settings),
     "problem": (
       f"M* = U* U*^T, U* {settings.dim}x{settings.rank} N(0,1); "
       f"{settings.measurements} measurements <A_i, M*>, A_i N(0,1); U "
@@ -351,13 +379,13 @@ def _finish(settings, groups, context):
     f"matrix-sensing: d={settings.dim}, r={settings.rank}, m={settings.measurements}"
   )
   markdown = output.markdown_document(title, sections)
-  groups_titled = [(f"init scale {scale:g}", rows) for scale, rows in groups]
+  titled = [(f"init scale {scale:g}", rows) for scale, rows in groups]
   panels = [(metric, header) for metric, header, _ in COLUMNS]
-  plots = {
-    "curves.png": lambda path: output.draw_curves(groups_titled, path, CURVES),
-  }
+  plots = {"curves.png": lambda path: output.draw_curves(titled, path, CURVES)}
   for scale, rows in groups:
     plots[f"measures_init_{scale:g}.png"] = lambda path, rows=rows, scale=scale: (
       output.draw_bars(rows, panels, path, f"init scale {scale:g}")
     )
-  return output.finish(settings, results, markdown, plots, context)
+  return output.finish(
+    context, settings.output, results, markdown, plots if settings.plots else {}
+  )

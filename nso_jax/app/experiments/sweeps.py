@@ -10,138 +10,130 @@ same measures. ``sigma-sweep`` varies the noise std at ``k`` fixed;
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-from nso_jax.app import job
-from nso_jax.app import report
+from nso_jax.app import classifier
+from nso_jax.app import data as data_lib
+from nso_jax.app import measures
+from nso_jax.app import optimizers
+from nso_jax.app import output
+from nso_jax.app import settings as settings_lib
 from nso_jax.app.experiments import classify
-from nso_jax.app.experiments import label_noise
-from nso_jax.app.experiments import output
-from nso_jax.app.experiments.settings import setting
+from nso_jax.app.interrupts import RunContext
+from nso_jax.app.records import MethodResult
+from nso_jax.app.settings import SHARE
+from nso_jax.app.settings import SPECS
+from nso_jax.app.settings import Spec
+from nso_jax.app.settings import Values
+from nso_jax.app.settings import setting
 
-COLUMNS = label_noise.COLUMNS
+COLUMNS = classify.NOISY_LABEL_COLUMNS
 
 PANELS = [
-  ("final_test_accuracy", "test accuracy, final"),
-  ("best_test_accuracy", "test accuracy, best epoch"),
-  ("final_train_loss", "training loss (noisy labels)"),
-  ("memorised", "flipped labels fit"),
-  ("hessian_trace", "tr(H)"),
-  ("trace_per_loss", "tr(H) / loss"),
-  ("top_eigenvalue", "top eigenvalue"),
-  ("noise_stability", "noise stability"),
+  ("final_test_accuracy", "test accuracy, final", False),
+  ("best_test_accuracy", "test accuracy, best epoch", False),
+  ("final_train_loss", "training loss (noisy labels)", True),
+  ("memorised", "flipped labels fit", False),
+  ("hessian_trace", "tr(H)", True),
+  ("trace_per_loss", "tr(H) / loss", True),
+  ("top_eigenvalue", "top eigenvalue", True),
+  ("noise_stability", "noise stability", True),
 ]
+"""``(metric, title, log scale)`` of the sweep plot's panels."""
+
+REFERENCES_SPEC = Spec(
+  settings_lib.Choices(optimizers.METHODS), "reference methods, trained once"
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class SigmaSettings(classify.Settings):
+class SweepSettings(classify.Settings):
+  """Settings shared by the sweeps: the references and the flipped share."""
+
+  optimizers: tuple[str, ...] = setting(("sgd",), REFERENCES_SPEC)
+  noise_level: float = setting(0.2, Spec(SHARE, "share of training labels flipped"))
+
+  def swept(self) -> tuple[str, tuple[Any, ...]]:
+    """The swept field and its values."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaSettings(SweepSettings):
   """Settings of ``sigma-sweep``."""
 
-  optimizers: tuple[str, ...] = setting(
-    ("sgd",),
-    "reference methods, trained once",
-    choices=classify.METHODS,
-    unique=True,
-  )
+  output: str = setting("nso_experiments/sigma-sweep")
   sigmas: tuple[float, ...] = setting(
     (0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
-    "NSO noise stds",
-    valid=lambda v: v > 0,
-    expect="a finite float > 0",
-    unique=True,
+    Spec(Values(SPECS["sigma"].rule), "NSO noise stds"),
   )
-  noise_level: float = setting(
-    0.2,
-    "share of training labels flipped",
-    valid=lambda v: 0 <= v < 1,
-    expect="a float in [0, 1)",
-  )
-  output: str = setting(
-    "nso_experiments/sigma-sweep", "output folder", flag="--out", valid=bool
-  )
+
+  def swept(self) -> tuple[str, tuple[Any, ...]]:
+    return "sigma", self.sigmas
 
 
 @dataclasses.dataclass(frozen=True)
-class KSettings(classify.Settings):
+class KSettings(SweepSettings):
   """Settings of ``k-sweep``."""
 
-  optimizers: tuple[str, ...] = setting(
-    ("sgd",),
-    "reference methods, trained once",
-    choices=classify.METHODS,
-    unique=True,
-  )
+  output: str = setting("nso_experiments/k-sweep")
   ks: tuple[int, ...] = setting(
-    (1, 2, 3, 4),
-    "NSO pairs per step",
-    valid=lambda v: 1 <= v <= 64,
-    expect="an int in [1, 64]",
-    unique=True,
-  )
-  noise_level: float = setting(
-    0.2,
-    "share of training labels flipped",
-    valid=lambda v: 0 <= v < 1,
-    expect="a float in [0, 1)",
-  )
-  output: str = setting(
-    "nso_experiments/k-sweep", "output folder", flag="--out", valid=bool
+    (1, 2, 3, 4), Spec(Values(SPECS["num_perturbations"].rule), "NSO pairs per step")
   )
 
+  def swept(self) -> tuple[str, tuple[Any, ...]]:
+    return "num_perturbations", self.ks
 
-def run_sigma(settings: SigmaSettings, context: dict[str, Any]) -> dict[str, Any]:
-  """Runs ``sigma-sweep`` and writes its outputs (see
+
+def run(settings: SweepSettings, context: RunContext) -> dict[str, Any]:
+  """Runs ``sigma-sweep`` or ``k-sweep`` and writes its outputs (see
   :func:`nso_jax.app.experiments.run`)."""
-  return _sweep(settings, context, "sigma", settings.sigmas)
-
-
-def run_k(settings: KSettings, context: dict[str, Any]) -> dict[str, Any]:
-  """Runs ``k-sweep`` and writes its outputs (see
-  :func:`nso_jax.app.experiments.run`)."""
-  return _sweep(settings, context, "num_perturbations", settings.ks)
-
-
-def _sweep(settings, context, field: str, values) -> dict[str, Any]:
-  config = classify.job_config(settings)
-  configs = [
-    classify.job_config(settings, **{field: value}) for value in values
-  ]  # checks every value before training
-  data, flipped = label_noise.noisy_digits(settings.noise_level)
-  job.check_fits(config, data)
-  classify.check_methods(settings.optimizers, config)
-  report.prepare_output(settings.output)
+  field, values = settings.swept()
+  # Every value's settings are checked before training.
+  swept = [dataclasses.replace(settings, **{field: value}) for value in values]
+  data, flipped = data_lib.noisy_digits(settings.noise_level)
+  classifier.check_fits(settings, data)
+  settings.check_methods()
+  output.prepare_output(settings.output)
   name = "sigma" if field == "sigma" else "k"
-  with report.ProgressBars(settings.progress) as progress:
-    context.update(progress=progress)
-    context["measure"] = classify.make_measure(data, config, settings)
-    extra = label_noise.memorisation(data, config, flipped)
-    references = [
-      classify.run_method(method, data, config, settings, context, extra=extra)
-      for method in settings.optimizers
-    ]
+  with output.ProgressBars(settings.progress) as progress:
+    extra = measures.label_fit(data, settings.hidden, flipped)
+    references = classify.run_methods(data, settings, progress, context, extra=extra)
     rows = []
-    for value, swept in zip(values, configs, strict=True):
-      row = classify.run_method("nso", data, swept, settings, context, extra=extra)
-      row.update(label=f"NSO {name}={value}", swept_value=value)
-      rows.append(row)
+    for value, training in zip(values, swept, strict=True):
+      plan = optimizers.method_plan("nso", training)
+      row = classify.run_method(
+        plan, "nso", data, settings, progress, context, extra=extra
+      )
+      rows.append(
+        dataclasses.replace(row, label=f"NSO {name}={value}", swept_value=value)
+      )
   return _finish(settings, field, references, rows, data, context)
 
 
-def _finish(settings, field, references, rows, data, context):
+def _finish(
+  settings: SweepSettings,
+  field: str,
+  references: Sequence[MethodResult],
+  rows: Sequence[MethodResult],
+  data: data_lib.Dataset,
+  context: RunContext,
+) -> dict[str, Any]:
   name = "sigma" if field == "sigma" else "k"
-  everything = references + rows
-  table = output.table(everything, COLUMNS)
+  everything = [*references, *rows]
+  table = output.method_table(everything, COLUMNS)
   results = {
     "experiment": f"{name}-sweep",
-    "settings": output.settings_dict(settings),
+    "settings": settings_lib.as_json(settings),
     "data": {
       "name": data.name,
       "train_examples": len(data.x_train),
       "test_examples": len(data.x_test),
     },
     "swept": field,
-    "references": references,
-    "rows": rows,
+    "references": [row.to_json() for row in references],
+    "rows": [row.to_json() for row in rows],
     "table": table,
   }
   markdown = output.markdown_document(
@@ -149,30 +141,9 @@ def _finish(settings, field, references, rows, data, context):
     [("Results (mean ± std over seeds)", table)],
   )
   plots = {
-    "sweep.png": lambda path: draw_sweep(references, rows, name, path),
+    "sweep.png": lambda path: output.draw_sweep(references, rows, name, PANELS, path),
     "curves.png": lambda path: output.draw_curves([(data.name, everything)], path),
   }
-  return output.finish(settings, results, markdown, plots, context)
-
-
-def draw_sweep(references, rows, name: str, path: str) -> None:
-  """Each measure against the swept value, mean ± std; references as bands."""
-  plt = output.pyplot()
-  fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-  x = [row["swept_value"] for row in rows]
-  for ax, (metric, title) in zip(axes.ravel(), PANELS, strict=True):
-    means = [row["summary"][metric][0] for row in rows]
-    stds = [row["summary"][metric][1] for row in rows]
-    ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label="NSO")
-    for index, ref in enumerate(references):
-      mean, std = ref["summary"][metric]
-      color = f"C{index + 1}"
-      ax.axhline(mean, color=color, ls="--", label=ref["label"])
-      ax.axhspan(mean - std, mean + std, color=color, alpha=0.15)
-    ax.set(title=title, xlabel=name, xscale="log" if name == "sigma" else "linear")
-    if name == "k":
-      ax.set_xticks(x)
-    if metric not in ("final_test_accuracy", "best_test_accuracy", "memorised"):
-      ax.set_yscale("log")
-  axes[0, 0].legend(fontsize=8)
-  output.save(fig, path)
+  return output.finish(
+    context, settings.output, results, markdown, plots if settings.plots else {}
+  )
