@@ -7,7 +7,7 @@ Side by side, on the benchmark CNN (``models.make_cnn``, small size):
 * the same with forward passes only (the loss, no gradient);
 * 8 Hutchinson probes of the Hessian trace through
   ``nso_jax.hessian.trace``: ``execution="map"`` (probes one at a time in
-  ``lax.map``), ``execution="map", chunk_size=8`` (vmapped, in one chunk of
+  ``lax.map``), ``execution=Execution("map", chunk_size=8)`` (vmapped, in one chunk of
   ``lax.map``) and ``execution="unroll"`` (the same 8 products unrolled).
   The one-step ``lax.map`` of the vmapped candidate is a loop too, and as slow:
   ``execution="vmap"``, no loop at all, times close to unrolled.
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from benchmarks import _common
 from benchmarks import models
+from nso_jax import batching
 from nso_jax import hessian
 
 NUM_PROBES = 8
@@ -76,8 +77,7 @@ def candidates(size: str) -> tuple[dict[str, Any], dict[str, Any]]:
         batch,
         key,
         num_matvecs=NUM_PROBES,
-        execution=execution,
-        chunk_size=chunk_size,
+        execution=batching.Execution(execution, chunk_size=chunk_size),
       ).value
 
     return estimate

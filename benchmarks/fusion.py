@@ -487,19 +487,19 @@ def section_execution(
   key = jax.random.key(0)
   by_n: dict[str, Any] = {}
   for n in trace_sizes:
-    settings = {
-      "vmap": {"execution": "vmap"},
-      "map1": {"execution": "map", "chunk_size": 1},
+    trace_settings = {
+      "vmap": batching.Execution("vmap"),
+      "map1": batching.Execution("map", chunk_size=1),
     }
     if n >= 8:
-      settings[f"map{n // 4}"] = {"execution": "map", "chunk_size": n // 4}
+      trace_settings[f"map{n // 4}"] = batching.Execution("map", chunk_size=n // 4)
     if n <= max_unroll:
-      settings["unroll"] = {"execution": "unroll"}
+      trace_settings["unroll"] = batching.Execution("unroll")
     candidates = {}
     compile_s = {}
-    for label, kw in settings.items():
-      fn = lambda p, b, k, kw=kw, n=n: hessian.trace(
-        loss_fn, p, b, k, num_matvecs=n, **kw
+    for label, execution in trace_settings.items():
+      fn = lambda p, b, k, e=execution, n=n: hessian.trace(
+        loss_fn, p, b, k, num_matvecs=n, execution=e
       )
       compiled, compile_s[label] = _common.compile_timed(fn, params, batch, key)
       candidates[label] = lambda c=compiled: c(params, batch, key)

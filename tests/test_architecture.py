@@ -12,18 +12,17 @@ CURVATURE = {
   "data_plans",
   "stochastic_trace",
   "lanczos",
-  "measures",
-  "flatness",
-  "trace_bound",
+  "curvature_measures",
+  "paper_measures",
   "plotting",
 }
-FOUNDATION = {"checks", "batching", "noise", "selection"}
+FOUNDATION = {"checks", "mesh", "batching", "noise", "selection"}
 # Each curvature layer imports only the layers below it.
 CURVATURE_ORDER = [
   {"data_plans"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
-  {"measures", "flatness", "trace_bound", "plotting"},
+  {"curvature_measures", "paper_measures", "plotting"},
 ]
 
 

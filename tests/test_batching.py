@@ -1,4 +1,7 @@
-"""The batching seam: every strategy gives the same sums and stacks."""
+"""The batching seam: every strategy gives the same sums and stacks, and the
+one :class:`~nso_jax.batching.Execution` value is checked when it is built."""
+
+import dataclasses
 
 import chex
 import jax
@@ -7,15 +10,17 @@ import numpy as np
 import pytest
 
 from nso_jax import batching
+from nso_jax._src import batching as batching_src
 
 STRATEGIES = [
   dict(execution="vmap"),
   dict(execution="unroll"),
   dict(execution="map"),
-  dict(execution="map", chunk_size=2),
-  dict(execution="map", chunk_size=3),
-  dict(execution="map", chunk_size=7),
+  dict(execution=batching.Execution("map", chunk_size=2)),
+  dict(execution=batching.Execution("map", chunk_size=3)),
+  dict(execution=batching.Execution("map", chunk_size=7)),
   dict(execution="auto"),
+  dict(execution=batching.Execution()),
 ]
 
 
@@ -69,18 +74,114 @@ def test_auto_resolves_by_the_one_rule():
 
 
 @pytest.mark.parametrize(
-  ("options", "match"),
+  ("settings", "error", "match"),
   [
-    (dict(execution="pmap"), r"`execution` must be one of .*got 'pmap'"),
-    (dict(execution="vmap", chunk_size=2), r"`chunk_size` applies only"),
-    (dict(execution="map", chunk_size=0), r"`chunk_size` must be an int >= 1, got 0"),
-    (dict(execution="map", chunk_size=1.5), r"`chunk_size` must be an int >= 1"),
+    (dict(strategy="pmap"), ValueError, r"`strategy` must be one of .*got 'pmap'"),
+    (dict(strategy="VMAP"), ValueError, r"`strategy` must be one of"),
+    (dict(strategy=None), ValueError, r"`strategy` must be one of"),
+    (
+      dict(strategy="vmap", chunk_size=2),
+      ValueError,
+      r"`chunk_size`=2 applies only to strategy='map', got strategy='vmap'",
+    ),
+    (dict(strategy="auto", chunk_size=4), ValueError, r"`chunk_size`=4 applies only"),
+    (dict(strategy="unroll", chunk_size=1), ValueError, r"applies only"),
+    (dict(strategy="map", chunk_size=0), ValueError, r"`chunk_size` must be an int"),
+    (dict(strategy="map", chunk_size=1.5), ValueError, r"`chunk_size` must be an int"),
+    (dict(strategy="map", chunk_size=True), ValueError, r"`chunk_size` must be an"),
+    (dict(axis=3), TypeError, r"`axis` must be a mesh axis name"),
+    (dict(axis=()), TypeError, r"`axis` must be a mesh axis name"),
+    (dict(axis=["a"]), TypeError, r"`axis` must be a mesh axis name"),
+    (dict(axis=("a", 1)), TypeError, r"`axis` must name mesh axes with strings"),
+    (dict(axis=("a", "a")), ValueError, r"`axis` names an axis twice"),
   ],
 )
-def test_bad_settings(options, match):
+def test_execution_is_checked_when_built(settings, error, match):
+  with pytest.raises(error, match=match):
+    batching.Execution(**settings)
+
+
+def test_execution_is_a_frozen_hashable_value():
+  execution = batching.Execution("map", chunk_size=4, axis=("data", "noise"))
+  assert execution == batching.Execution("map", 4, ("data", "noise"))
+  assert hash(execution) == hash(batching.Execution("map", 4, ("data", "noise")))
+  assert len({execution, batching.Execution("map", 4, ("data", "noise"))}) == 1
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    execution.chunk_size = 8  # type: ignore[misc]
+  # A static argument of jax.jit must be hashable.
+  run = jax.jit(
+    lambda e: batching.sum_indices(lambda i: i, 5, execution=e), static_argnums=0
+  )
+  assert int(run(execution.__class__("map", 2))) == 10
+
+
+def test_a_strategy_name_is_shorthand():
+  assert batching_src.as_execution("vmap") == batching.Execution("vmap")
+  execution = batching.Execution("unroll")
+  assert batching_src.as_execution(execution) is execution
+  by_name = batching.map_indices(pytree_of_index, 4, execution="unroll")
+  by_value = batching.map_indices(pytree_of_index, 4, execution=execution)
+  chex.assert_trees_all_equal(by_name, by_value)
+
+
+@pytest.mark.parametrize(
+  ("execution", "error", "match"),
+  [
+    ("pmap", ValueError, r"`execution` must be one of .*got 'pmap'"),
+    (None, TypeError, r"`execution` must be a batching.Execution or one of"),
+    (2, TypeError, r"`execution` must be a batching.Execution"),
+    (dict(strategy="map"), TypeError, r"`execution` must be a batching.Execution"),
+  ],
+)
+def test_bad_execution_given_to_the_seam(execution, error, match):
   for seam in (batching.sum_indices, batching.map_indices):
-    with pytest.raises(ValueError, match=match):
-      seam(lambda i: i, 3, **options)
+    with pytest.raises(error, match=match):
+      seam(lambda i: i, 3, execution=execution)
+
+
+def test_resolve_decides_auto_on_one_device_share():
+  dense = lambda i: jnp.sum(jnp.arange(3.0) * i)
+  conv = lambda i: jnp.convolve(jnp.arange(5.0) * i, jnp.ones(3)).sum()
+  resolved = batching_src.resolve("auto", 20, dense)
+  assert resolved.strategy == batching.default_execution(size=20)
+  assert (resolved.size, resolved.local_size, resolved.num_devices) == (20, 20, 1)
+  assert resolved.axes == ()
+  assert resolved.chunk_size == min(batching.default_chunk_size(), 20)
+  assert batching_src.resolve("auto", 4, conv).strategy == batching.default_execution(
+    convolutional=True, size=4
+  )
+  # An explicit strategy is kept, and the chunk never exceeds the share.
+  explicit = batching_src.resolve(batching.Execution("map", chunk_size=8), 5)
+  assert (explicit.strategy, explicit.chunk_size) == ("map", 5)
+
+
+def test_resolve_sees_the_share_of_one_device_of_the_axis():
+  """On 4 devices of axis "probes", 12 evaluations leave 3 to each device, and
+  "auto" decides for 3: a convolution is unrolled on CPU, as 3 <= 8."""
+  conv = lambda i: jnp.convolve(jnp.arange(5.0) * i, jnp.ones(3)).sum()
+  seen = {}
+
+  def per_device(x):
+    resolved = batching_src.resolve(batching.Execution(axis="probes"), 12, conv)
+    seen["resolved"] = resolved
+    return x
+
+  jax.make_jaxpr(jax.vmap(per_device, axis_name="probes", axis_size=4))(jnp.ones(4))
+  resolved = seen["resolved"]
+  assert (resolved.size, resolved.local_size) == (12, 3)
+  assert (resolved.num_devices, resolved.axes) == (4, ("probes",))
+  expected = batching.default_execution(convolutional=True, size=3)
+  assert resolved.strategy == expected
+  # On one device the same 12 evaluations exceed the unrolling limit of "auto".
+  alone = batching_src.resolve("auto", 12, conv).strategy
+  assert alone == batching.default_execution(convolutional=True, size=12)
+  if jax.default_backend() == "cpu":
+    assert (resolved.strategy, alone) == ("unroll", "map")
+
+
+def test_an_axis_must_be_bound_where_the_work_runs():
+  with pytest.raises(ValueError, match=r"`execution.axis`='noise' is not an axis"):
+    batching.sum_indices(lambda i: i, 3, execution=batching.Execution(axis="noise"))
 
 
 def test_bad_size():

@@ -263,7 +263,7 @@ class TestOneCallMeasures:
       0,
       num_probes=2,
       num_steps=20,
-      grid_size=100,
+      grid=hessian.DensityGrid(size=100),
     )
     assert density.grid.shape == density.density.shape == (100,)
     assert density.nodes.shape == (2, 20)

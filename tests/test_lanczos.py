@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from nso_jax import batching
 from nso_jax import hessian
 
 try:  # the tests directory is a plain folder or, in some layouts, a package
@@ -207,7 +208,7 @@ def density(problem):
       key,
       num_probes=8,
       num_steps=60,
-      grid_size=2000,
+      grid=hessian.DensityGrid(size=2000),
     )
   )(problem.params, problem.batch, jax.random.key(0))
 
@@ -246,9 +247,7 @@ class TestSpectralDensity:
       0,
       num_probes=2,
       num_steps=10,
-      grid_size=50,
-      bounds=(-1.0, 2.0),
-      bandwidth=0.1,
+      grid=hessian.DensityGrid(size=50, bounds=(-1.0, 2.0), bandwidth=0.1),
     )
     assert float(density.grid[0]) == -1.0 and float(density.grid[-1]) == 2.0
     assert float(density.bandwidth) == pytest.approx(0.1)
@@ -262,9 +261,8 @@ class TestSpectralDensity:
         key,
         num_probes=3,
         num_steps=10,
-        grid_size=50,
-        execution="map",
-        chunk_size=chunk_size,
+        grid=hessian.DensityGrid(size=50),
+        execution=batching.Execution("map", chunk_size=chunk_size),
       ),
       static_argnums=1,
     )
@@ -275,7 +273,7 @@ class TestSpectralDensity:
   def test_plot_uses_a_log_scale(self, density):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
-    ax = hessian.plot_spectral_density(density, color="k")
+    ax = hessian.plot_spectral_density(density, plot_kwargs={"color": "k"})
     assert ax.get_yscale() == "log"
     assert len(ax.lines[0].get_xdata()) == density.grid.shape[0]
     matplotlib.pyplot.close(ax.figure)
@@ -323,15 +321,19 @@ class TestValidation:
     with pytest.raises(ValueError, match=r"`v0` must be a flat vector"):
       hessian.lanczos_tridiag(lambda v: v, jnp.ones((3, 2)), 2, 0)
 
-  def test_bad_bandwidth_and_bounds(self):
-    with pytest.raises(ValueError, match=r"`bandwidth` must be a finite float > 0"):
-      hessian.stochastic_lanczos_quadrature(
-        lambda v: v, jnp.zeros(4), 0, bandwidth=-1.0
-      )
-    with pytest.raises(ValueError, match=r"`bounds` must satisfy low < high"):
-      hessian.stochastic_lanczos_quadrature(
-        lambda v: v, jnp.zeros(4), 0, bounds=(1.0, 0.0)
-      )
+  @pytest.mark.parametrize(
+    ("grid", "error", "message"),
+    [
+      (hessian.DensityGrid(bandwidth=-1.0), ValueError, r"`grid.bandwidth` must be"),
+      (hessian.DensityGrid(bounds=(1.0, 0.0)), ValueError, r"`grid.bounds` must sat"),
+      (hessian.DensityGrid(bounds=(1.0,)), ValueError, r"`grid.bounds` must be a"),
+      (hessian.DensityGrid(size=1), ValueError, r"`grid.size` must be an int >= 2"),
+      (50, TypeError, r"`grid` must be a hessian.DensityGrid"),
+    ],
+  )
+  def test_bad_grid(self, grid, error, message):
+    with pytest.raises(error, match=message):
+      hessian.stochastic_lanczos_quadrature(lambda v: v, jnp.zeros(4), 0, grid=grid)
 
   def test_power_iteration_num_iters(self):
     with pytest.raises(ValueError, match=r"`num_iters` must be an int >= 1, got 0"):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nso_jax import batching
 from nso_jax import hessian
 
 try:  # the tests directory is a plain folder or, in some layouts, a package
@@ -203,7 +204,11 @@ class TestEarlyStopping:
   def test_does_not_depend_on_the_chunks(self, tiny_operator):
     results = [
       hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2, **options)
-      for options in ({}, dict(execution="map", chunk_size=16), dict(execution="vmap"))
+      for options in (
+        {},
+        dict(execution=batching.Execution("map", chunk_size=16)),
+        dict(execution="vmap"),
+      )
     ]
     for result in results[1:]:
       assert int(result.num_matvecs) == int(results[0].num_matvecs)
@@ -249,7 +254,7 @@ class TestJitAndDeterminism:
   @pytest.mark.parametrize(
     "options",
     [
-      dict(execution="map", chunk_size=4),
+      dict(execution=batching.Execution("map", chunk_size=4)),
       dict(execution="vmap"),
       dict(execution="unroll"),
     ],
@@ -289,13 +294,22 @@ class TestValidation:
     with pytest.raises(ValueError, match=r"`rtol` must be a finite float >= 0"):
       hessian.hutchinson(lambda v: v, jnp.zeros(3), 0, num_matvecs=2, rtol=-1.0)
 
-  def test_bad_execution_and_chunk_size(self):
-    with pytest.raises(ValueError, match=r"`chunk_size` must be an int >= 1, got 0"):
-      hessian.hutchinson(
-        lambda v: v, jnp.zeros(3), 0, num_matvecs=2, execution="map", chunk_size=0
-      )
+  def test_bad_execution(self):
     with pytest.raises(ValueError, match=r"`execution` must be one of .*got 'pmap'"):
       hessian.xtrace(lambda v: v, jnp.zeros(3), 0, num_matvecs=2, execution="pmap")
+    with pytest.raises(TypeError, match=r"`execution` must be a batching.Execution"):
+      hessian.hutch_pp(lambda v: v, jnp.zeros(3), 0, num_matvecs=3, execution=4)
+
+  def test_rtol_cannot_split_the_probes_over_a_mesh_axis(self):
+    with pytest.raises(ValueError, match=r"`rtol` stops after a data-dependent"):
+      hessian.hutchinson(
+        lambda v: v,
+        jnp.zeros(3),
+        0,
+        num_matvecs=4,
+        rtol=1e-3,
+        execution=batching.Execution(axis="probes"),
+      )
 
   def test_empty_template(self):
     with pytest.raises(ValueError, match=r"`template` is an empty pytree"):
@@ -325,7 +339,9 @@ def test_low_precision_parameters_work_with_every_estimator():
     )
   top = hessian.top_eigenvalues(loss, w, x, 0, num_eigenvalues=2, num_steps=20)
   np.testing.assert_allclose(top, [4.0, 2 * float(x[-2])], rtol=2e-2)
-  density = hessian.spectral_density(loss, w, x, 0, num_steps=10, grid_size=50)
+  density = hessian.spectral_density(
+    loss, w, x, 0, num_steps=10, grid=hessian.DensityGrid(size=50)
+  )
   assert bool(jnp.all(jnp.isfinite(density.density)))
 
 
