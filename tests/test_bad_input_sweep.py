@@ -88,7 +88,16 @@ ENTRY_POINTS = {
   "sum_indices": (
     batching.sum_indices,
     dict(fn=lambda i: i, size=3),
-    dict(size=BAD_COUNTS, execution=BAD_EXECUTIONS, chunk_size=[0, 2.5]),
+    dict(size=BAD_COUNTS, execution=BAD_EXECUTIONS),
+  ),
+  "Execution": (
+    batching.Execution,
+    dict(strategy="map"),
+    dict(
+      strategy=BAD_EXECUTIONS,
+      chunk_size=[0, -2, 2.5, "4", True],
+      axis=[3, (), ("a", "a"), ("a", 1), ["a"]],
+    ),
   ),
   "map_indices": (
     batching.map_indices,
@@ -101,7 +110,6 @@ ENTRY_POINTS = {
     dict(
       num_matvecs=BAD_COUNTS,
       method=["hutch", None],
-      probe=["sphere", None],
       rtol=[-1.0, NAN, "x"],
       key=BAD_KEYS,
       params=[{}, {"n": jnp.ones(2, jnp.int32)}],
@@ -127,13 +135,25 @@ ENTRY_POINTS = {
   ),
   "spectral_density": (
     hessian.spectral_density,
-    dict(loss_fn=loss, params=W, data=BATCH, key=0, num_steps=4, grid_size=10),
+    dict(
+      loss_fn=loss,
+      params=W,
+      data=BATCH,
+      key=0,
+      num_steps=4,
+      grid=hessian.DensityGrid(size=10),
+    ),
     dict(
       num_probes=BAD_COUNTS,
       num_steps=[0, 1.5],
-      grid_size=[1, 0],
-      bandwidth=BAD_POSITIVE,
-      bounds=[(1.0, 0.0), (0.0,), (0.0, 0.0)],
+      grid=[
+        10,
+        (10, None, None),
+        hessian.DensityGrid(size=1),
+        hessian.DensityGrid(size=0),
+        *[hessian.DensityGrid(bandwidth=bad) for bad in BAD_POSITIVE],
+        *[hessian.DensityGrid(bounds=bad) for bad in [(1.0, 0.0), (0.0,), (0.0, 0.0)]],
+      ],
       execution=BAD_EXECUTIONS,
     ),
   ),
@@ -144,7 +164,7 @@ ENTRY_POINTS = {
       num_matvecs=BAD_COUNTS,
       probe=["sphere"],
       template=[{}, jnp.ones(2, jnp.int32)],
-      chunk_size=[0],
+      execution=BAD_EXECUTIONS,
     ),
   ),
   "hutch_pp": (

@@ -137,8 +137,8 @@ def test_nso_one_sided_with_clean_weight(problem):
 
 MEASURES = {
   "trace/hutchinson": lambda p, b: hessian.trace(ht.loss_fn, p, b, KEY, num_matvecs=20),
-  "trace/hutchinson_normal": lambda p, b: hessian.trace(
-    ht.loss_fn, p, b, KEY, num_matvecs=20, probe="normal"
+  "trace/hutchinson_normal": lambda p, b: hessian.hutchinson(
+    *hessian.hessian_operator(ht.loss_fn, p, b), KEY, num_matvecs=20, probe="normal"
   ),
   "trace/hutchinson_rtol": lambda p, b: hessian.trace(
     ht.loss_fn, p, b, KEY, num_matvecs=40, rtol=1e-2
@@ -162,7 +162,7 @@ MEASURES = {
   ),
   "eig/power": lambda p, b: hessian.max_eigenvalue(ht.loss_fn, p, b, KEY, num_iters=30),
   "density": lambda p, b: hessian.spectral_density(
-    ht.loss_fn, p, b, KEY, num_probes=3, num_steps=12, grid_size=50
+    ht.loss_fn, p, b, KEY, num_probes=3, num_steps=12, grid=hessian.DensityGrid(50)
   )[:2],
 }
 
