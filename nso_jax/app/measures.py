@@ -164,7 +164,11 @@ def make_measure(
 ) -> Callable[[Any, jax.Array, Any], Curvature]:
   """``(params, key, reference) -> Curvature`` on ``batch``, compiled once."""
   compiled = compile_measure(loss_fn, plan)
-  return lambda params, key, reference=None: compiled(params, batch, key, reference)
+
+  def measure(params: Any, key: jax.Array, reference: Any = None) -> Curvature:
+    return compiled(params, batch, key, reference)
+
+  return measure
 
 
 def classifier_measure(

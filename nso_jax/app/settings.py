@@ -233,7 +233,7 @@ class Choices:
 class Values:
   """A non-empty tuple of distinct values, each valid by ``item``'s rule."""
 
-  item: Count | Real
+  item: Rule
 
   def check(self, name: str, value: Any) -> None:
     if not isinstance(value, tuple) or not value:

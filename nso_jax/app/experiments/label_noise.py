@@ -10,6 +10,8 @@ fits.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from nso_jax.app import classifier
@@ -95,13 +97,16 @@ def _finish(
   markdown = output.markdown_document("label-noise: digits, flipped labels", sections)
   titles = [(f"{100 * level:g}% flipped", rows) for level, rows in groups]
   panels = [(metric, header) for metric, header, _ in COLUMNS]
-  plots = {"curves.png": lambda path: output.draw_curves(titles, path)}
+  plots: dict[str, Callable[[str], None]] = {
+    "curves.png": lambda path: output.draw_curves(titles, path)
+  }
   for level, rows in groups:
     name = f"{100 * level:g}".replace(".", "p")
-    plots[f"measures_{name}.png"] = lambda path, rows=rows, level=level: (
-      output.draw_bars(
-        rows, panels, path, f"{100 * level:g}% of training labels flipped"
-      )
+    plots[f"measures_{name}.png"] = functools.partial(
+      output.draw_bars,
+      rows,
+      panels,
+      title=f"{100 * level:g}% of training labels flipped",
     )
   return output.finish(
     context, settings.output, results, markdown, plots if settings.plots else {}

@@ -381,10 +381,12 @@ def _finish(
   markdown = output.markdown_document(title, sections)
   titled = [(f"init scale {scale:g}", rows) for scale, rows in groups]
   panels = [(metric, header) for metric, header, _ in COLUMNS]
-  plots = {"curves.png": lambda path: output.draw_curves(titled, path, CURVES)}
+  plots: dict[str, Callable[[str], None]] = {
+    "curves.png": lambda path: output.draw_curves(titled, path, CURVES)
+  }
   for scale, rows in groups:
-    plots[f"measures_init_{scale:g}.png"] = lambda path, rows=rows, scale=scale: (
-      output.draw_bars(rows, panels, path, f"init scale {scale:g}")
+    plots[f"measures_init_{scale:g}.png"] = functools.partial(
+      output.draw_bars, rows, panels, title=f"init scale {scale:g}"
     )
   return output.finish(
     context, settings.output, results, markdown, plots if settings.plots else {}
