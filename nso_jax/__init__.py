@@ -5,6 +5,7 @@ minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 
 * :func:`noise_stability` and :func:`nso`: the Optax transformation;
 * :func:`noise_stability_gradient`: the estimator itself, one call;
+* :func:`noise_resolution`: how much of the noise half precision holds;
 * :func:`sample_noise`: the pytree noise sampler;
 * :func:`skip_nonfinite`: the policy for non-finite gradients;
 * :mod:`nso_jax.hessian`: curvature operators, trace estimators and spectra;
@@ -20,6 +21,7 @@ from nso_jax._src.noise import NOISE_NAMES
 from nso_jax._src.noise import sample_noise
 from nso_jax._src.nonfinite import SkipNonfiniteState
 from nso_jax._src.nonfinite import skip_nonfinite
+from nso_jax._src.precision import noise_resolution
 from nso_jax._src.transform import NoiseStabilityState
 from nso_jax._src.transform import noise_stability
 from nso_jax._src.transform import nso
@@ -33,6 +35,7 @@ __all__ = [
   "SkipNonfiniteState",
   "batching",
   "hessian",
+  "noise_resolution",
   "noise_stability",
   "noise_stability_gradient",
   "nso",

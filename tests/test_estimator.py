@@ -12,15 +12,16 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import nso_jax
+from nso_jax import batching
 from nso_jax._src import noise as noise_lib
 
 EXECUTIONS = [
   dict(execution="vmap"),
   dict(execution="unroll"),
   dict(execution="map"),
-  dict(execution="map", chunk_size=2),
-  dict(execution="map", chunk_size=3),
-  dict(execution="map", chunk_size=8),
+  dict(execution=batching.Execution("map", chunk_size=2)),
+  dict(execution=batching.Execution("map", chunk_size=3)),
+  dict(execution=batching.Execution("map", chunk_size=8)),
 ]
 
 # E[(z^2 - 1)^2] for unit-variance noise: Var(z^2) = E z^4 - 1.
@@ -222,35 +223,34 @@ def test_one_sided_uses_only_plus_perturbations():
   np.testing.assert_allclose(g, 3 * (w + u) ** 2, rtol=1e-6)
 
 
-def test_clean_weight_mixes_clean_gradient():
-  loss = lambda w: jnp.sum(w**4) / 4
-  w = jnp.array([1.0, -2.0])
-  grad = jax.grad(loss)
-  kw = dict(sigma=0.3, num_perturbations=2)
-  noisy = nso_jax.noise_stability_gradient(grad, w, 1, **kw)
-  mixed = nso_jax.noise_stability_gradient(grad, w, 1, clean_weight=0.25, **kw)
-  np.testing.assert_allclose(mixed, 0.25 * grad(w) + 0.75 * noisy, rtol=1e-6)
-  given = nso_jax.noise_stability_gradient(
-    grad, w, 1, clean_weight=1.0, clean_gradient=jnp.array([7.0, 8.0]), **kw
-  )
-  np.testing.assert_array_equal(given, [7.0, 8.0])
-
-
-def test_has_value_averages_perturbed_values():
+def test_a_value_is_read_from_the_output_and_averaged():
   loss = lambda w: jnp.sum(w**2)
   w, key, sigma = jnp.array([1.0, 2.0]), jax.random.key(4), 0.1
+  kw = dict(sigma=sigma, num_perturbations=2)
   value, grads = nso_jax.noise_stability_gradient(
-    jax.value_and_grad(loss),
-    w,
-    key,
-    sigma=sigma,
-    num_perturbations=2,
-    has_value=True,
+    jax.value_and_grad(loss), w, key, **kw
   )
   us = [sigma * nso_jax.sample_noise(jax.random.fold_in(key, j), w) for j in (0, 1)]
   expected = np.mean([loss(w + s * u) for u in us for s in (1, -1)])
   np.testing.assert_allclose(value, expected, rtol=1e-6)
+  # Without a value, the same gradient, bit for bit.
+  alone = nso_jax.noise_stability_gradient(jax.grad(loss), w, key, **kw)
+  chex.assert_trees_all_equal(grads, alone)
   np.testing.assert_allclose(grads, 2 * w, rtol=1e-5)
+
+
+def test_gradients_shaped_like_a_pair_are_gradients():
+  # params is itself a pair: a gradient with its structure is read as the
+  # gradient, never as (value, grads).
+  params = (jnp.ones(2), jnp.ones(2))
+  loss = lambda p: jnp.sum(p[0] ** 2) + jnp.sum(p[1] ** 2)
+  g = nso_jax.noise_stability_gradient(jax.grad(loss), params, 0, sigma=0.0)
+  chex.assert_trees_all_close(g, (2 * jnp.ones(2), 2 * jnp.ones(2)))
+  value, g = nso_jax.noise_stability_gradient(
+    jax.value_and_grad(loss), params, 0, sigma=0.0
+  )
+  assert float(value) == 4.0
+  chex.assert_trees_all_close(g, (2 * jnp.ones(2), 2 * jnp.ones(2)))
 
 
 def test_pytree_value_with_aux():
@@ -258,11 +258,7 @@ def test_pytree_value_with_aux():
     return jnp.sum(w**2), {"norm": jnp.linalg.norm(w)}
 
   (value, aux), grads = nso_jax.noise_stability_gradient(
-    jax.value_and_grad(loss, has_aux=True),
-    jnp.ones(3),
-    0,
-    sigma=0.01,
-    has_value=True,
+    jax.value_and_grad(loss, has_aux=True), jnp.ones(3), 0, sigma=0.01
   )
   assert value.shape == () and aux["norm"].shape == ()
   np.testing.assert_allclose(aux["norm"], math.sqrt(3), rtol=1e-3)
@@ -312,9 +308,9 @@ def test_mixed_pytree_keeps_structure_and_dtypes():
     (dict(one_sided="no"), ValueError, "`one_sided` must be True or False"),
     (dict(noise="cauchy"), ValueError, "`noise` must be one of"),
     (dict(execution="pmap"), ValueError, "`execution` must be one of"),
-    (dict(execution="vmap", chunk_size=2), ValueError, "`chunk_size` applies only"),
-    (dict(execution="map", chunk_size=0), ValueError, "`chunk_size`"),
-    (dict(clean_weight=1.5), ValueError, "`clean_weight` must be"),
+    (dict(execution=3), TypeError, "`execution` must be a batching.Execution"),
+    (dict(param_filter=3), TypeError, "`param_filter` must be None, a callable"),
+    (dict(data_axis=3), TypeError, "`data_axis` must be a mesh axis name"),
   ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, error, match):
@@ -330,13 +326,17 @@ def test_bad_params_and_grad_fn_raise_clear_errors():
     nso_jax.noise_stability_gradient(
       lambda p: p, {"w": jnp.ones(2), "step": jnp.array(1)}, 0, sigma=0.1
     )
-  with pytest.raises(ValueError, match="pass has_value=True"):
+  with pytest.raises(ValueError, match=r"or a pair \(value, grads\)"):
     nso_jax.noise_stability_gradient(
-      jax.value_and_grad(lambda w: jnp.sum(w**2)), jnp.ones(2), 0, sigma=0.1
+      lambda w: (w, w, w), jnp.ones(2), 0, sigma=0.1
     )
-  with pytest.raises(ValueError, match="must return a pair"):
+  with pytest.raises(ValueError, match=r"or a pair \(value, grads\)"):
     nso_jax.noise_stability_gradient(
-      lambda w: w, jnp.ones(2), 0, sigma=0.1, has_value=True
+      lambda p: (1.0, p["w"]), {"w": jnp.ones(2)}, 0, sigma=0.1
+    )
+  with pytest.raises(TypeError, match="must be floating point"):
+    nso_jax.noise_stability_gradient(
+      lambda w: (jnp.int32(1), w), jnp.ones(2), 0, sigma=0.1
     )
   with pytest.raises(ValueError, match="gradient of shape"):
     nso_jax.noise_stability_gradient(lambda w: w[:1], jnp.ones(2), 0, sigma=0.1)

@@ -121,7 +121,7 @@ def test_no_recompilation_on_later_steps():
 
 def test_state_is_stable_under_lax_cond():
   loss, params = _problem()
-  tx = nso_jax.noise_stability(0.05, 2, key=0, has_value=True)
+  tx = nso_jax.noise_stability(0.05, 2, key=0)
   state = tx.init(params)
 
   def maybe_update(pred, state):
@@ -229,13 +229,16 @@ def test_nan_gradients_pass_through_and_apply_if_finite_skips():
   assert int(state[1].total_notfinite) == 1
 
 
-def test_has_value_keeps_mean_perturbed_loss_in_state():
+def test_a_value_from_grad_fn_keeps_the_mean_perturbed_loss_in_state():
   loss, params = _problem()
-  tx = nso_jax.noise_stability(0.01, 2, key=0, has_value=True)
-  _, state = tx.update(
-    params, tx.init(params), params, grad_fn=jax.value_and_grad(loss)
-  )
+  tx = nso_jax.noise_stability(0.01, 2, key=0)
+  state = tx.init(params)
+  with_value, state = tx.update(None, state, params, grad_fn=jax.value_and_grad(loss))
   np.testing.assert_allclose(state.value, loss(params), rtol=1e-2)
+  # Without a value: the same update, and the value is left as it was.
+  alone, plain_state = tx.update(None, tx.init(params), params, grad_fn=jax.grad(loss))
+  chex.assert_trees_all_equal(with_value, alone)
+  assert float(plain_state.value) == 0.0
   assert (
     optax.tree_utils.tree_get(
       optax.chain(tx, optax.sgd(0.1)).init(params), "value"
@@ -282,11 +285,67 @@ def test_missing_arguments_raise_clear_errors():
     (dict(num_perturbations=0), "`num_perturbations`"),
     (dict(sigma=-1.0), "`sigma`"),
     (dict(noise="binomial"), "`noise`"),
-    (dict(execution="map", chunk_size=-1), "`chunk_size`"),
+    (dict(execution="pmap"), "`execution`"),
+    (dict(execution=("map", 2)), "`execution`"),
     (dict(clean_weight=-0.5), "`clean_weight`"),
+    (dict(one_sided="yes"), "`one_sided`"),
+    (dict(param_filter=[1, 0]), "`param_filter`"),
+    (dict(data_axis=("data", "data")), "`data_axis`"),
+    (dict(per_shard_noise=True), "`per_shard_noise`"),
   ],
 )
 def test_bad_configuration_fails_at_build_time(kwargs, match):
   args = dict(sigma=0.01, key=0) | kwargs
   with pytest.raises((ValueError, TypeError), match=match):
     nso_jax.noise_stability(**args)
+
+
+def test_settings_are_checked_when_built_not_at_update(monkeypatch):
+  from nso_jax._src import estimator
+  from nso_jax._src import transform
+
+  loss, params = _problem()
+  tx = nso_jax.noise_stability(0.05, 2, key=0, execution="map", clean_weight=0.5)
+  state = tx.init(params)
+  calls = []
+  for module, name in [
+    (estimator, "make_estimator"),
+    (estimator, "check_sigma"),
+    (estimator, "check_param_filter"),
+    (transform, "_make_settings"),
+  ]:
+    original = getattr(module, name)
+    monkeypatch.setattr(
+      module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+    )
+  jax.jit(lambda s: tx.update(None, s, params, grad_fn=jax.grad(loss)))(state)
+  assert calls == []  # the update runs the algorithm only
+  with pytest.raises(ValueError, match="`clean_weight`"):
+    nso_jax.noise_stability(0.05, key=0, clean_weight=2.0)
+  assert {"make_estimator", "_make_settings", "check_sigma"} <= set(calls)
+
+
+def test_nso_declares_its_parameters():
+  import inspect
+
+  parameters = inspect.signature(nso_jax.nso).parameters
+  kinds = {p.kind for p in parameters.values()}
+  assert inspect.Parameter.VAR_KEYWORD not in kinds
+  assert len(parameters) <= 10
+  # The options beyond the paper's are set on noise_stability, chained by hand.
+  assert not {"clean_weight", "per_shard_noise"} & set(parameters)
+  assert set(parameters) - {"optimizer", "skip_nonfinite"} <= set(
+    inspect.signature(nso_jax.noise_stability).parameters
+  )
+
+
+def test_a_pytree_value_is_refused_by_the_transformation():
+  loss, params = _problem()
+  tx = nso_jax.noise_stability(0.01, 2, key=0)
+
+  def grad_fn(p):
+    (value, aux), grads = jax.value_and_grad(lambda p: (loss(p), 1.0), has_aux=True)(p)
+    return (value, aux), grads
+
+  with pytest.raises(ValueError, match="noise_stability_gradient directly"):
+    tx.update(None, tx.init(params), params, grad_fn=grad_fn)

@@ -4,22 +4,85 @@ Noise stability optimisation (NSO) minimises the smoothed loss
 ``F(W) = E_U[L(W + U)]``, ``U ~ N(0, sigma^2 I)``. Its gradient is estimated
 from ``k`` antithetic pairs of perturbed gradients, which cancel every
 odd-order term of the Taylor expansion exactly.
+
+:func:`estimate` is the algorithm: perturb, evaluate the pairs, average. Its
+settings are checked once, into an :class:`Estimator`, by whoever builds it:
+:func:`noise_stability_gradient` on each call, the Optax transformation once
+when it is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nso_jax._src import batching
 from nso_jax._src import checks
+from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import selection
 
 GradFn = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """The estimator's settings, checked by :func:`make_estimator`."""
+
+  num_perturbations: int
+  noise: noise_lib.NoiseName
+  one_sided: bool
+  param_filter: selection.ParamFilter
+  execution: batching.Execution
+  data_axes: tuple[str, ...]
+
+
+def make_estimator(
+  num_perturbations: Any,
+  noise: Any,
+  one_sided: Any,
+  param_filter: Any,
+  execution: Any,
+  data_axis: Any,
+) -> Estimator:
+  """Checks the estimator's settings, outside any mapped function."""
+  execution = batching.as_execution(execution)
+  data_axes = mesh.check_axis_name(data_axis, "data_axis", bound=False)
+  if set(mesh.check_axis_name(execution.axis, "execution.axis", bound=False)) & set(
+    data_axes
+  ):
+    raise ValueError(
+      f"`execution.axis`={execution.axis!r} and `data_axis`={data_axis!r} share "
+      "an axis: a device either splits the pairs or the batch along each axis."
+    )
+  return Estimator(
+    num_perturbations=checks.check_positive_int(num_perturbations, "num_perturbations"),
+    noise=noise_lib.check_noise(noise),  # type: ignore[arg-type]
+    one_sided=checks.check_bool(one_sided, "one_sided"),
+    param_filter=check_param_filter(param_filter),
+    execution=execution,
+    data_axes=data_axes,
+  )
+
+
+def check_param_filter(param_filter: Any) -> selection.ParamFilter:
+  """Checks the kind of ``param_filter``; its fit to ``params`` is checked later."""
+  if param_filter is None or (
+    callable(param_filter) and jax.tree_util.all_leaves([param_filter])
+  ):
+    return param_filter
+  for flag in jax.tree.leaves(param_filter):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(
+        "`param_filter` must be None, a callable (path, leaf) -> bool or a "
+        f"pytree of Python bools; got a leaf {flag!r}."
+      )
+  return param_filter
 
 
 def check_sigma(sigma: Any) -> Any:
@@ -27,53 +90,118 @@ def check_sigma(sigma: Any) -> Any:
   return checks.check_scalar(sigma, "sigma", minimum=0.0)
 
 
-def check_clean_weight(clean_weight: Any) -> Any:
-  """A concrete ``clean_weight`` as a float in [0, 1]; a traced one unchanged."""
-  checks.check_scalar(clean_weight, "clean_weight", minimum=0.0, maximum=1.0)
-  return clean_weight if checks.is_traced(clean_weight) else float(clean_weight)
-
-
 def _to_accumulator(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(checks.accumulation_dtype(x.dtype)), tree)
+  def widen(x: Any) -> jax.Array:
+    x = jnp.asarray(x)  # a Python float in a value's aux
+    return x.astype(checks.accumulation_dtype(x.dtype))
+
+  return jax.tree.map(widen, tree)
 
 
-def _check_gradient_structure(grad_fn, params, has_value):
-  """Traces ``grad_fn`` once and checks what it returns.
+def estimate(
+  settings: Estimator, grad_fn: GradFn, params: Any, key: jax.Array, sigma: Any
+) -> tuple[Any, Any]:
+  r"""Perturbs, evaluates the pairs and averages: the estimator itself.
+
+  Pair ``j`` draws unit-variance noise ``Z_j`` from ``fold_in(key, j)``,
+  scales it, ``U_j = sigma Z_j``, and evaluates ``grad_fn`` at ``W + U_j``
+  and ``W - U_j`` (only the first if one-sided). The pairs run as
+  ``settings.execution`` says; one ``psum`` over the data and pair axes sums
+  them and the data shards; the sum is scaled to the mean.
 
   Returns:
-    The shapes of the value (``None`` without ``has_value``) and of the
-    gradients, and the jaxpr of ``grad_fn``.
+    ``(value, G)``: ``G`` like ``params``, ``value`` the mean of the values
+    ``grad_fn`` returned at the perturbed weights (``None`` when it returns
+    gradients only), each in the dtype ``grad_fn`` returns.
   """
-  jaxpr, out = jax.make_jaxpr(grad_fn, return_shape=True)(params)
-  if has_value:
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise ValueError(
-        "with has_value=True, `grad_fn` must return a pair (value, grads) as "
-        f"jax.value_and_grad does; it returned {out}."
-      )
-    value_shape, grads_shape = out
-    for leaf in jax.tree.leaves(value_shape):
-      if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-        raise TypeError(
-          "the value returned by `grad_fn` is averaged over perturbations, so "
-          f"its leaves must be floating point; got a leaf of dtype {leaf.dtype}."
-        )
+  has_value, value_shapes, grad_shapes = gradient_shapes(grad_fn, params)
+  if settings.data_axes:  # bound here: inside the mapped function
+    mesh.check_axis_name(settings.data_axes, "data_axis")
+  perturbed = selection.selection_mask(params, settings.param_filter)
+  leaves, treedef = jax.tree.flatten(params)
+  if checks.is_traced(sigma):
+    # A run-time sigma is checked where it is used: an invalid one gives NaN,
+    # never a silently different step (a negative sigma would act as |sigma|).
+    sigma = jnp.where((sigma >= 0) & jnp.isfinite(sigma), sigma, jnp.nan)
+
+  def evaluate(shift: Callable, u: list[jax.Array]) -> tuple[Any, Any]:
+    """``(value, grads)`` at ``W`` shifted by ``u``, in at least float32."""
+    w = [
+      shift(x, ui) if keep else x
+      for x, ui, keep in zip(leaves, u, perturbed, strict=True)
+    ]
+    # Parameters typed as varying over the data axes make `jax.grad` inside
+    # `grad_fn` return this shard's gradient; replicated ones would make it
+    # all-reduce the gradient of every evaluation on its own.
+    w = jax.tree.map(lambda x: mesh.mark_varying(x, settings.data_axes), w)
+    out = grad_fn(jax.tree.unflatten(treedef, w))
+    return _to_accumulator(out if has_value else (None, out))
+
+  def pair_sum(index: jax.Array) -> tuple[Any, Any]:
+    z = noise_lib.sample_noise(jax.random.fold_in(key, index), params, settings.noise)
+    u = [zi * jnp.asarray(sigma, zi.dtype) for zi in jax.tree.leaves(z)]
+    total = evaluate(jnp.add, u)
+    if not settings.one_sided:
+      total = jax.tree.map(jnp.add, total, evaluate(jnp.subtract, u))
+    return total
+
+  resolved = batching.resolve(settings.execution, settings.num_perturbations, pair_sum)
+  value_sum, grad_sum = mesh.psum_varying(
+    batching.partial_sum(pair_sum, resolved), settings.data_axes + resolved.axes
+  )
+  num_evaluations = settings.num_perturbations * (1 if settings.one_sided else 2)
+  scale = 1.0 / (num_evaluations * mesh.axis_size(settings.data_axes))
+  mean = lambda total, shape: (total * scale).astype(shape.dtype)
+  value = jax.tree.map(mean, value_sum, value_shapes) if has_value else None
+  return value, jax.tree.map(mean, grad_sum, grad_shapes)
+
+
+def gradient_shapes(grad_fn: GradFn, params: Any) -> tuple[bool, Any, Any]:
+  """Traces ``grad_fn`` once and checks what it returns.
+
+  ``grad_fn`` returns gradients, with the structure of ``params``, or
+  ``(value, grads)`` as :func:`jax.value_and_grad` does. The two cannot be
+  confused: an output with the structure of ``params`` is gradients, since a
+  pair whose second element has the structure of ``params`` cannot have that
+  structure itself (a tree is never the structure of its own strict subtree).
+
+  Returns:
+    Whether ``grad_fn`` returns a value, and the shapes of the value
+    (``None`` without) and of the gradients.
+  """
+  checks.check_float_tree(
+    params,
+    "params",
+    "noise can only perturb floating-point "
+    "parameters; keep non-trainable integer state out of them",
+  )
+  out = jax.eval_shape(grad_fn, params)
+  if checks.same_structure(out, params):
+    has_value, value_shapes, grad_shapes = False, None, out
+  elif (
+    isinstance(out, tuple) and len(out) == 2 and checks.same_structure(out[1], params)
+  ):
+    has_value, (value_shapes, grad_shapes) = True, out
   else:
-    value_shape, grads_shape = None, out
-  params_struct = jax.tree.structure(params)
-  grads_struct = jax.tree.structure(grads_shape)
-  if grads_struct != params_struct:
-    hint = (
-      " If it returns (value, grads), pass has_value=True."
-      if isinstance(out, tuple) and not has_value
-      else ""
-    )
     raise ValueError(
       "`grad_fn(params)` must return gradients with the structure of "
-      f"`params`.{hint}\n  params: {params_struct}\n  gradients: {grads_struct}"
+      "`params`, or a pair (value, grads) as jax.value_and_grad does.\n"
+      f"  params: {jax.tree.structure(params)}\n"
+      f"  returned: {jax.tree.structure(out)}"
     )
+  for leaf in jax.tree.leaves(value_shapes):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+        "the value returned by `grad_fn` is averaged over perturbations, so "
+        f"its leaves must be floating point; got a leaf of dtype {leaf.dtype}."
+      )
+  _check_gradient_leaves(grad_shapes, params)
+  return has_value, value_shapes, grad_shapes
+
+
+def _check_gradient_leaves(grad_shapes: Any, params: Any) -> None:
   for (path, g), p in zip(
-    jax.tree_util.tree_leaves_with_path(grads_shape),
+    jax.tree_util.tree_leaves_with_path(grad_shapes),
     jax.tree.leaves(params),
     strict=True,
   ):
@@ -89,26 +217,6 @@ def _check_gradient_structure(grad_fn, params, has_value):
         "gradients are averaged, so they must be floating point (an integer "
         "mean would be truncated)."
       )
-  return value_shape, grads_shape, jaxpr.jaxpr
-
-
-def check_axes(
-  pair_axis: Any, data_axis: Any, per_shard_noise: Any, *, bound: bool = True
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """Checks the mesh axes of the pairs and the data (see ``check_axis_name``)."""
-  pair_axes = batching.check_axis_name(pair_axis, "pair_axis", bound=bound)
-  data_axes = batching.check_axis_name(data_axis, "data_axis", bound=bound)
-  if set(pair_axes) & set(data_axes):
-    raise ValueError(
-      f"`pair_axis`={pair_axis!r} and `data_axis`={data_axis!r} share an axis: "
-      "a device either splits the pairs or the batch along each axis."
-    )
-  if checks.check_bool(per_shard_noise, "per_shard_noise") and not data_axes:
-    raise ValueError(
-      "`per_shard_noise`=True draws each data shard's pairs from its own key: "
-      "it needs `data_axis`, the mesh axis over which the batch is split."
-    )
-  return pair_axes, data_axes
 
 
 def noise_stability_gradient(
@@ -120,15 +228,9 @@ def noise_stability_gradient(
   num_perturbations: int = 1,
   noise: noise_lib.NoiseName = "normal",
   one_sided: bool = False,
-  clean_weight: float = 0.0,
-  clean_gradient: Any = None,
-  has_value: bool = False,
-  execution: batching.Execution = "auto",
-  chunk_size: int | None = None,
   param_filter: selection.ParamFilter = None,
-  pair_axis: batching.AxisName | None = None,
-  data_axis: batching.AxisName | None = None,
-  per_shard_noise: bool = False,
+  execution: batching.ExecutionLike = "auto",
+  data_axis: mesh.AxisName | None = None,
 ) -> Any:
   r"""Estimates the gradient of the noise-smoothed loss at ``params``.
 
@@ -147,64 +249,70 @@ def noise_stability_gradient(
   H(W) + O(\sigma^4)` for Gaussian noise, the gradient of the smoothed loss
   :math:`F(W) = E[L(W + U)]`.
 
+  ``grad_fn`` returns gradients, with the structure of ``params``, or a pair
+  ``(value, grads)`` as :func:`jax.value_and_grad` does; which one is read
+  from its output when it is traced (a pair whose second element has the
+  structure of ``params`` cannot have that structure itself, so the two
+  never clash). With a value, the result is ``(value, G)``, ``value``
+  averaged over the perturbed evaluations; it may be any pytree of floats
+  (e.g. ``(loss, aux)`` from ``jax.value_and_grad(loss, has_aux=True)``).
+
   Options beyond the paper's setting:
 
   * ``one_sided=True``: :math:`G = \frac1k\sum_j \nabla L(W + U_j)`, random
     weight perturbation, the ablation baseline (``k`` evaluations).
-  * ``clean_weight=lam``: :math:`\lambda \nabla L(W) + (1 - \lambda) G`. The
-    clean gradient is ``clean_gradient`` if given, else one more call to
-    ``grad_fn``.
   * ``param_filter``: perturb only the selected leaves (say, the weight
     matrices of the layers being fine-tuned); the others are evaluated
     unperturbed. The selected leaves' noise is the same, bit for bit, as
     without a filter.
+  * Mixing in the clean gradient, which :func:`nso_jax.noise_stability`
+    does with ``clean_weight=lam``, is by hand ``lam * clean + (1 - lam) *
+    G``, with ``clean = grad_fn(params)``.
 
   On several devices, inside :func:`jax.shard_map` (see the multi-device
   guide):
 
-  * ``pair_axis``: the devices of this mesh axis split the ``k`` pairs (pair
-    ``j`` runs on device ``j mod n``), all on the same batch. Since pair
-    ``j``'s noise depends only on ``(key, j)``, the estimate does not depend
-    on the number of devices. When ``n`` does not divide ``k``, the devices
-    run ``ceil(k / n)`` pairs each, the surplus evaluated and discarded.
+  * ``execution=Execution(axis=...)``: the devices of this mesh axis split
+    the ``k`` pairs (pair ``j`` runs on device ``j mod n``), all on the same
+    batch. Since pair ``j``'s noise depends only on ``(key, j)``, the
+    estimate does not depend on the number of devices. When ``n`` does not
+    divide ``k``, the devices run ``ceil(k / n)`` pairs each, the surplus
+    evaluated and discarded.
   * ``data_axis``: the batch is split over this axis (or axes): ``grad_fn``
     returns the gradient of this device's shard of the batch, and the
     estimate is the mean over the shards. One ``psum`` over the data and
-    pair axes together combines everything (with ``clean_weight > 0`` and
-    no ``clean_gradient``, a second one averages the clean gradient).
-  * ``per_shard_noise=True``: each data shard draws its own ``k`` pairs
-    from ``fold_in(key, shard)``, so ``n`` shards average ``n k`` pairs at
-    the cost of ``k`` (what data-parallel implementations of NSO and SAM's
-    per-device perturbations do). This is a different estimator: it changes
-    with the number of shards.
+    pair axes together combines everything.
+  * Per-shard noise, which :func:`nso_jax.noise_stability` draws with
+    ``per_shard_noise=True`` (each data shard its own ``k`` pairs: ``n``
+    shards average ``n k`` pairs at the cost of ``k``), is by hand a key
+    folded with the shard's index: ``key = jax.random.fold_in(key,
+    jax.lax.axis_index(data_axis))``. This is a different estimator: it
+    changes with the number of shards.
 
   Pair ``j`` draws its noise from ``jax.random.fold_in(key, j)`` alone, so the
   result does not depend on how the pairs are executed, up to the order of
-  floating-point summation:
+  floating-point summation. ``execution`` (a
+  :class:`nso_jax.batching.Execution` or a strategy name) says how:
 
   * ``"vmap"``: all evaluations as one batched computation (fastest on
     accelerators, memory grows with ``k``);
-  * ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` pairs (default 1
-    on CPU: sequential; 16 on accelerators), each chunk batched with
-    ``vmap``; memory is bounded by the chunk, whatever ``k``;
+  * ``"map"``: a ``lax.scan`` over chunks of ``Execution.chunk_size`` pairs
+    (default 1 on CPU: sequential; 16 on accelerators), each chunk batched
+    with ``vmap``; memory is bounded by the chunk, whatever ``k``;
   * ``"unroll"``: the evaluations one after another in the compiled graph;
   * ``"auto"``: :func:`nso_jax.batching.default_execution` for the current
     backend: ``"vmap"`` on accelerators; on CPU ``"map"``, or ``"unroll"``
     when ``grad_fn`` computes convolutions and ``k <= 8``.
 
-  The pairs run through :func:`nso_jax.batching.sum_indices`, the seam the
-  Hessian tools' probes use too.
-
-  Gradients are accumulated in at least float32 and returned in the dtype
-  ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the train step):
-  outside, the ``"map"`` strategy's loop is traced and compiled anew on every
-  call.
+  The pairs run through :mod:`nso_jax.batching`, the seam the Hessian tools'
+  probes use too. Gradients are accumulated in at least float32 and returned
+  in the dtype ``grad_fn`` returns them in. Call it inside ``jax.jit`` (the
+  train step): outside, the ``"map"`` strategy's loop is traced and compiled
+  anew on every call.
 
   Args:
     grad_fn: maps parameters to gradients with the same structure, e.g.
-      ``lambda p: jax.grad(loss)(p, batch)``. With ``has_value=True`` it
-      returns ``(value, grads)`` as :func:`jax.value_and_grad` does; ``value``
-      may be any pytree of floats (e.g. ``(loss, aux)``).
+      ``lambda p: jax.grad(loss)(p, batch)``, or to ``(value, grads)``.
     params: a pytree of floating-point arrays, the point ``W``.
     key: an int seed or a PRNG key; it fully determines the noise.
     sigma: the noise scale, a float >= 0 or a scalar array.
@@ -214,26 +322,18 @@ def noise_stability_gradient(
       cheaper approximation of ``"normal"`` with the same first two moments;
       see :func:`nso_jax.sample_noise`.
     one_sided: evaluate at ``W + U_j`` only.
-    clean_weight: ``lam`` in [0, 1]; 0 (the paper's setting) needs no clean
-      gradient. A traced value is accepted (then the clean gradient is always
-      used, weighted by it).
-    clean_gradient: the gradient at ``params``, used when ``clean_weight > 0``
-      (with ``data_axis``: the mean over the shards, not a shard's own).
-    has_value: whether ``grad_fn`` returns ``(value, grads)``.
-    execution: ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``.
-    chunk_size: pairs per step of the ``"map"`` strategy.
     param_filter: the leaves to perturb: ``None`` (all), a pytree of Python
       bools whose structure is a prefix of ``params``, or a function
       ``(path, leaf) -> bool``, as the Hessian tools take it.
-    pair_axis: a mesh axis name (or a tuple of them) whose devices split the
-      pairs; inside ``shard_map`` only.
+    execution: how the pairs run, a :class:`nso_jax.batching.Execution` or
+      ``"auto"``, ``"vmap"``, ``"map"`` or ``"unroll"``; its ``axis`` (inside
+      ``shard_map`` only) names the mesh axis whose devices split the pairs.
     data_axis: the mesh axis name(s) over which the batch is split;
       ``grad_fn`` returns the local gradient, without a ``pmean``.
-    per_shard_noise: each shard of ``data_axis`` draws its own pairs.
 
   Returns:
-    The estimate ``G``, a pytree like ``params``; with ``has_value=True`` the
-    pair ``(value, G)``, ``value`` averaged over the perturbed evaluations.
+    The estimate ``G``, a pytree like ``params``; when ``grad_fn`` returns
+    ``(value, grads)``, the pair ``(value, G)``.
 
   Raises:
     ValueError, TypeError: on invalid settings or a ``grad_fn`` whose output
@@ -248,99 +348,21 @@ def noise_stability_gradient(
     ...     jax.grad(loss), w, key=0, sigma=0.1, num_perturbations=4)
     >>> g.shape
     (2,)
+    >>> value, g = nso_jax.noise_stability_gradient(
+    ...     jax.value_and_grad(loss), w, key=0, sigma=0.1, num_perturbations=4)
+    >>> value.shape
+    ()
 
   References:
     Zhang, Li, Ju, `Noise Stability Optimization for Finding Flat Minima: A
     Hessian-based Regularization Approach <https://arxiv.org/abs/2306.08553>`_,
     TMLR 2024.
   """
-  key = checks.canonicalize_key(key)
-  k = checks.check_positive_int(num_perturbations, "num_perturbations")
-  noise_lib.check_noise(noise)
+  settings = make_estimator(
+    num_perturbations, noise, one_sided, param_filter, execution, data_axis
+  )
   check_sigma(sigma)
-  one_sided = checks.check_bool(one_sided, "one_sided")
-  has_value = checks.check_bool(has_value, "has_value")
-  clean_weight = check_clean_weight(clean_weight)
-  execution, chunk_size = batching.check_execution(execution, chunk_size)
-  checks.check_float_tree(
-    params,
-    "params",
-    "noise can only perturb floating-point "
-    "parameters; keep non-trainable integer state out of them",
+  value, grads = estimate(
+    settings, grad_fn, params, checks.canonicalize_key(key), sigma
   )
-  perturbed = selection.selection_mask(params, param_filter)
-  pair_axes, data_axes = check_axes(pair_axis, data_axis, per_shard_noise)
-  if per_shard_noise:
-    key = jax.random.fold_in(key, batching.device_index(data_axes))
-  value_shape, grads_shape, grad_jaxpr = _check_gradient_structure(
-    grad_fn, params, has_value
-  )
-  if execution == "auto":
-    pairs_here = -(-k // batching.axis_size(pair_axes))
-    execution = batching.default_execution(
-      convolutional=batching.jaxpr_convolves(grad_jaxpr), size=pairs_here
-    )
-
-  def evaluate(w):
-    # Parameters typed as varying over the data axes make `jax.grad` inside
-    # `grad_fn` return this shard's gradient; replicated ones would make it
-    # all-reduce the gradient of every evaluation on its own.
-    w = jax.tree.map(lambda x: batching.mark_varying(x, data_axes), w)
-    out = grad_fn(w)
-    value, grads = out if has_value else (None, out)
-    return _to_accumulator(value), _to_accumulator(grads)
-
-  if checks.is_traced(sigma):
-    # A run-time sigma is checked where it is used: an invalid one gives NaN,
-    # never a silently different step (a negative sigma would act as |sigma|).
-    sigma = jnp.where((sigma >= 0) & jnp.isfinite(sigma), sigma, jnp.nan)
-
-  leaves, treedef = jax.tree.flatten(params)
-
-  def shifted(step, noise_leaves):
-    return jax.tree.unflatten(
-      treedef,
-      [
-        step(w, u) if keep else w
-        for w, u, keep in zip(leaves, noise_leaves, perturbed, strict=True)
-      ],
-    )
-
-  def pair_sum(index):
-    z = noise_lib.sample_noise(jax.random.fold_in(key, index), params, noise)
-    u = [zi * jnp.asarray(sigma, zi.dtype) for zi in jax.tree.leaves(z)]
-    total = evaluate(shifted(jnp.add, u))
-    if not one_sided:
-      plus, minus = total, evaluate(shifted(jnp.subtract, u))
-      total = jax.tree.map(jnp.add, plus, minus)
-    return total
-
-  total = batching.partial_sum_indices(
-    pair_sum, k, execution, chunk_size, axes=pair_axes
-  )
-  value_sum, grad_sum = batching.psum_varying(total, data_axes + pair_axes)
-  num_evaluations = k if one_sided else 2 * k
-  scale = 1.0 / (num_evaluations * batching.axis_size(data_axes))
-  grads = jax.tree.map(lambda g: g * scale, grad_sum)
-  if isinstance(clean_weight, jax.Array) or clean_weight > 0.0:
-    if clean_gradient is None:
-      clean = batching.psum_varying(evaluate(params)[1], data_axes)
-      clean = jax.tree.map(lambda c: c / batching.axis_size(data_axes), clean)
-    else:
-      clean = _to_accumulator(clean_gradient)
-    lam = clean_weight
-    grads = jax.tree.map(
-      # `where` keeps a non-finite clean gradient out when lam == 0.
-      lambda c, g: jnp.where(lam > 0, lam * c + (1 - lam) * g, g),
-      clean,
-      grads,
-    )
-    if checks.is_traced(lam):  # an invalid run-time weight gives NaN
-      valid = (lam >= 0) & (lam <= 1)
-      grads = jax.tree.map(lambda g: jnp.where(valid, g, jnp.nan), grads)
-  grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, grads_shape)
-  if not has_value:
-    return grads
-  value = jax.tree.map(lambda v: v * scale, value_sum)
-  value = jax.tree.map(lambda v, s: v.astype(s.dtype), value, value_shape)
-  return value, grads
+  return grads if value is None else (value, grads)
