@@ -229,12 +229,12 @@ def hessian_operator(
   def matvec(v: PyTree) -> PyTree:
     # Typed as varying over the data axes, the point and the direction give
     # this shard's product (`jax.grad` of replicated parameters would sum the
-    # shards' gradients by itself).
+    # shards' gradients by itself). The point also varies as the direction
+    # does over a mesh axis that splits the probes (shard_map's type checks
+    # ask that the operands of a product agree).
     if data_axes:
       v = jax.tree.map(lambda t: mesh.mark_varying(t, data_axes), v)
-      point = jax.tree.map(mesh.vary_like, selected, v)  # and as the probe
-    else:
-      point = selected
+    point = jax.tree.map(mesh.vary_like, selected, v)
     per_batch = lambda batch, tangent: hvp(restricted_loss, point, batch, tangent)
     local = data_plans.average_over_data(per_batch, plan, v)
     if not data_axes:
@@ -311,11 +311,13 @@ def ggn_operator(
     )
 
   def per_batch(batch: PyTree, v: PyTree) -> PyTree:
+    # Varying as the direction does over a mesh axis splitting the probes.
+    point = jax.tree.map(mesh.vary_like, selected, v)
     model = lambda sub: restricted_model(sub, batch)
-    outputs, model_jvp = jax.linearize(model, selected)
+    outputs, model_jvp = jax.linearize(model, point)
     output_gradient = lambda out: jax.grad(output_loss)(out, batch)
     output_hvp = jax.jvp(output_gradient, (outputs,), (model_jvp(v),))[1]
-    (product,) = jax.linear_transpose(model_jvp, selected)(output_hvp)
+    (product,) = jax.linear_transpose(model_jvp, point)(output_hvp)
     return product
 
   return LinearOperator(

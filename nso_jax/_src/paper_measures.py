@@ -642,7 +642,7 @@ def _max_over_batches(
     stacked = group.stacked
 
     def on_batch(i: jax.Array, stacked: PyTree = stacked) -> PyTree:
-      return traces_on(jax.tree.map(lambda x: x[i], stacked))
+      return traces_on(jax.tree.map(lambda x: jnp.asarray(x)[i], stacked))
 
     num_batches = group.weights.shape[0]
     per_batch = batching.map_indices(on_batch, num_batches, execution=one_at_a_time)
