@@ -110,8 +110,7 @@ def as_execution(execution: Any, name: str = "execution") -> Execution:
     checks.check_choice(execution, STRATEGIES, name)
     return Execution(cast(Strategy, execution))
   raise TypeError(
-    f"`{name}` must be a batching.Execution or one of {STRATEGIES}, got "
-    f"{execution!r}."
+    f"`{name}` must be a batching.Execution or one of {STRATEGIES}, got {execution!r}."
   )
 
 
@@ -373,7 +372,9 @@ def map_resolved(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
     return placed.at[:, column].set(x)
 
   gathered = mesh.psum_varying(jax.tree.map(place, local), resolved.axes)
-  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:]))[: resolved.size], gathered)
+  return jax.tree.map(
+    lambda x: x.reshape((-1, *x.shape[2:]))[: resolved.size], gathered
+  )
 
 
 def _map_here(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 AxisName = str | tuple[str, ...]
 
 
-def check_axis_name(axis_name: Any, name: str, *, bound: bool = True) -> tuple[str, ...]:
+def check_axis_name(
+  axis_name: Any, name: str, *, bound: bool = True
+) -> tuple[str, ...]:
   """The mesh axes ``axis_name`` names, checked to be bound here.
 
   With ``bound=False`` only the names are checked (when a setting is built,
