@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (
 # otherwise pick the GPU, a single device.
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import dataclasses
 import json
 import re
 from functools import partial
@@ -28,6 +29,7 @@ from mesh_problem import loss
 from mesh_problem import make_problem
 
 import nso_jax
+from nso_jax import batching
 from nso_jax import hessian
 
 MESHES = [(8, 1), (1, 8), (4, 2), (2, 4)]
@@ -100,7 +102,7 @@ def nso_on_meshes(params, x, y):
     reference = single_device_trajectory(make_tx(), params, x, y)
     for shape in MESHES:
       mesh = mesh_of(shape)
-      tx = make_tx(pair_axis="noise", data_axis="data")
+      tx = make_tx(execution=nso_jax.batching.Execution(axis="noise"), data_axis="data")
       inner = mesh_step(mesh, tx)
       for layout in ("replicated", "sharded"):
         specs = param_specs if layout == "sharded" else {name: P() for name in params}
@@ -140,13 +142,12 @@ def nso_options_on_meshes(params, x, y):
   """The transformation's other options with the pairs and data split."""
   cases = {
     # Clean gradient mixed in (computed, averaged over shards), the value
-    # averaged, noise on two leaves only.
+    # (grad_fn returns one) averaged, noise on two leaves only.
     "clean_value_filter": (
       (4, 2),
       ("data", "noise"),
       {
         "clean_weight": 0.5,
-        "has_value": True,
         "param_filter": {"w1": True, "b1": False, "w2": True},
         "num_perturbations": 3,
       },
@@ -158,8 +159,7 @@ def nso_options_on_meshes(params, x, y):
       ("data", "noise"),
       {
         "one_sided": True,
-        "execution": "map",
-        "chunk_size": 2,
+        "execution": nso_jax.batching.Execution("map", chunk_size=2),
         "num_perturbations": 5,
       },
     ),
@@ -168,8 +168,9 @@ def nso_options_on_meshes(params, x, y):
   }
   report = {}
   for name, (shape, names, options) in cases.items():
-    has_value = options.get("has_value", False)
+    has_value = name == "clean_value_filter"
     grad = jax.value_and_grad(loss) if has_value else jax.grad(loss)
+    execution = options.get("execution", nso_jax.batching.Execution())
     make_tx = partial(nso_jax.noise_stability, SIGMA, key=1, **options)
     single_tx = make_tx()
 
@@ -182,7 +183,8 @@ def nso_options_on_meshes(params, x, y):
     auto = (jax.sharding.AxisType.Auto,) * len(names)
     mesh = jax.make_mesh(shape, names, axis_types=auto)
     data_axes = names[:-1] if len(names) > 2 else "data"
-    mesh_tx = make_tx(pair_axis="noise", data_axis=data_axes)
+    pairs = dataclasses.replace(execution, axis="noise")
+    mesh_tx = make_tx(execution=pairs, data_axis=data_axes)
     batch_spec = P(names[:-1]) if len(names) > 2 else P("data")
 
     @jax.jit
@@ -210,23 +212,27 @@ def per_shard_noise(params, x, y):
   """Each data shard draws its own pairs: against the formula on one device."""
   mesh, k, key = mesh_of((4, 2)), 3, jax.random.key(5)
   estimate = partial(nso_jax.noise_stability_gradient, sigma=SIGMA, num_perturbations=k)
+  axes = {"execution": nso_jax.batching.Execution(axis="noise"), "data_axis": "data"}
+  make_tx = partial(nso_jax.noise_stability, SIGMA, k, key=key, **axes)
+  per_shard_tx, shared_tx = make_tx(per_shard_noise=True), make_tx()
 
   @jax.jit
   @partial(
     jax.shard_map,
     mesh=mesh,
     in_specs=(P(), P("data"), P("data")),
-    out_specs=(P(), P()),
+    out_specs=(P(), P(), P()),
   )
   def on_mesh(params, x, y):
     grad_fn = lambda p: jax.grad(loss)(p, x, y)
-    axes = {"pair_axis": "noise", "data_axis": "data"}
-    return (
-      estimate(grad_fn, params, key, per_shard_noise=True, **axes),
-      estimate(grad_fn, params, key, **axes),
-    )
+    update = lambda tx: tx.update(None, tx.init(params), params, grad_fn=grad_fn)[0]
+    # By hand, the estimator with a key folded with the shard's index.
+    shard_key = jax.random.fold_in(jax.random.split(key)[0], jax.lax.axis_index("data"))
+    by_hand = estimate(grad_fn, params, shard_key, **axes)
+    return update(per_shard_tx), update(shared_tx), by_hand
 
-  per_shard, shared = on_mesh(params, x, y)
+  per_shard, shared, by_hand = on_mesh(params, x, y)
+  step_key = jax.random.split(key)[0]  # the first update's key
   shards = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
   formula = jax.tree.map(
     lambda *g: sum(g) / 4,
@@ -234,14 +240,15 @@ def per_shard_noise(params, x, y):
       estimate(
         lambda p, xs=xs, ys=ys: jax.grad(loss)(p, xs, ys),
         params,
-        jax.random.fold_in(key, shard),
+        jax.random.fold_in(step_key, shard),
       )
       for shard, (xs, ys) in enumerate(shards)
     ],
   )
-  single = estimate(lambda p: jax.grad(loss)(p, x, y), params, key)
+  single = estimate(lambda p: jax.grad(loss)(p, x, y), params, step_key)
   return {
     "per_shard_vs_formula": relative(per_shard, formula),
+    "per_shard_vs_by_hand": relative(per_shard, by_hand),
     "per_shard_vs_shared_noise": relative(per_shard, single),
     "shared_vs_single": relative(shared, single),
   }
@@ -255,6 +262,7 @@ def hessian_on_meshes(params, x, y):
   mean_loss = lambda p, batch: loss(p, *batch)
 
   def estimates(loss_fn, batch, probe_axis, data_axis=None):
+    execution = batching.Execution(axis=probe_axis)
     trace = {
       method: hessian.trace(
         loss_fn,
@@ -263,7 +271,7 @@ def hessian_on_meshes(params, x, y):
         key,
         num_matvecs=30,
         method=method,
-        probe_axis=probe_axis,
+        execution=execution,
         data_axis=data_axis,
       ).value
       for method in ("hutchinson", "hutch++", "xtrace")
@@ -275,7 +283,7 @@ def hessian_on_meshes(params, x, y):
       key,
       num_probes=5,
       num_steps=20,
-      probe_axis=probe_axis,
+      execution=execution,
       data_axis=data_axis,
     )
     top = hessian.top_eigenvalues(
@@ -309,6 +317,64 @@ def hessian_on_meshes(params, x, y):
   return report
 
 
+def paper_measures_on_meshes(params, x, y):
+  """The NSO paper's measures with their draws, layers and probes split over
+  a mesh axis by `Execution(axis=...)` (the data replicated), against one
+  device with the same key. 7 draws, 3 layers and 10 probes leave some
+  devices idle on 2, 4 and 8 of them."""
+  key = jax.random.key(4)
+  mean_loss = lambda p, batch: loss(p, *batch)
+  reference_params = jax.tree.map(lambda w: 0.5 * w, params)
+  batches = [(x[:20], y[:20]), (x[20:40], y[20:40]), (x[40:], y[40:])]
+
+  def measures(x, y, axis):
+    execution = batching.Execution(axis=axis)
+    stability = hessian.noise_stability_measure(
+      mean_loss, params, (x, y), key, sigma=0.1, num_draws=7, execution=execution
+    )
+    layers = hessian.layer_hessian_measure(
+      mean_loss, params, (x, y), reference_params, execution=execution
+    )
+    traces = hessian.layer_traces(
+      mean_loss, params, (x, y), key, num_matvecs=10, execution=execution
+    )
+    bound = hessian.trace_bound_term(
+      mean_loss,
+      params,
+      batches,
+      reference_params,
+      key,
+      num_examples=64,
+      num_matvecs=6,
+      execution=execution,
+    )
+    return {
+      "noise_stability": stability.samples,
+      "layer_hessian_measure": layers,
+      "layer_traces": jax.tree.map(
+        lambda t: t.value,
+        traces,
+        is_leaf=lambda node: isinstance(node, hessian.TraceEstimate),
+      ),
+      "trace_bound_term": (bound.value, bound.layer_traces),
+    }
+
+  reference = jax.jit(lambda: measures(x, y, None))()
+  report = {}
+  runs = [(shape, "noise") for shape in MESHES] + [((4, 2), ("data", "noise"))]
+  for shape, axis in runs:
+    mesh = mesh_of(shape)
+    on_mesh = jax.jit(
+      jax.shard_map(
+        partial(measures, axis=axis), mesh=mesh, in_specs=(P(), P()), out_specs=P()
+      )
+    )
+    found = on_mesh(x, y)
+    name = f"{shape[0]}x{shape[1]}_{'_'.join(np.atleast_1d(axis))}"
+    report[name] = {m: relative(found[m], reference[m]) for m in reference}
+  return report
+
+
 def main():
   params, x, y = make_problem()
   print(
@@ -319,6 +385,7 @@ def main():
         "nso_options": nso_options_on_meshes(params, x, y),
         "per_shard_noise": per_shard_noise(params, x, y),
         "hessian": hessian_on_meshes(params, x, y),
+        "paper_measures": paper_measures_on_meshes(params, x, y),
       }
     )
   )

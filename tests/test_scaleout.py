@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from nso_jax.batching import Execution
+
 MESHES = ("8x1", "1x8", "4x2", "2x4")
 
 
@@ -67,8 +69,10 @@ def test_the_transformations_options_on_a_mesh_equal_one_devices(report, case):
 def test_per_shard_noise_is_the_mean_of_each_shards_estimate(report):
   result = report["per_shard_noise"]
   # Each data shard draws its pairs from fold_in(key, shard): the mesh result
-  # is the mean over shards of one-device estimates with those keys.
+  # is the mean over shards of one-device estimates with those keys, and the
+  # estimator given that key by hand.
   assert result["per_shard_vs_formula"] < 1e-6
+  assert result["per_shard_vs_by_hand"] < 1e-6
   # It is a different estimator from the shared-noise one, which is the
   # one-device estimate.
   assert result["per_shard_vs_shared_noise"] > 1e-3
@@ -88,6 +92,23 @@ def test_hessian_estimates_on_a_mesh_equal_one_devices(report, mesh, convention)
   # The density is a sum of Gaussian kernels at the Ritz values: a rounding
   # difference in a node moves it by its slope times the difference.
   assert result["density"] < 2e-5
+
+
+PAPER_MEASURE_RUNS = [f"{mesh}_noise" for mesh in MESHES] + ["4x2_data_noise"]
+
+
+@pytest.mark.parametrize("run", PAPER_MEASURE_RUNS)
+def test_paper_measures_split_over_a_mesh_axis_equal_one_devices(report, run):
+  # Draws, layers and probes split over the devices of `Execution(axis=...)`
+  # give what one device gives, up to the order of summation.
+  result = report["paper_measures"][run]
+  for measure in (
+    "noise_stability",
+    "layer_hessian_measure",
+    "layer_traces",
+    "trace_bound_term",
+  ):
+    assert result[measure] < 1e-6, measure
 
 
 def test_the_mesh_example_trains_and_reduces_once():
@@ -134,26 +155,33 @@ def test_axis_names_outside_a_mapped_function_are_refused_by_name():
 
   grad_fn = jax.grad(lambda w: jnp.sum(w**2))
   w = jnp.ones(3)
-  with pytest.raises(ValueError, match=r"`pair_axis`='noise' is not an axis"):
-    nso_jax.noise_stability_gradient(grad_fn, w, 0, sigma=0.1, pair_axis="noise")
+  with pytest.raises(ValueError, match=r"`execution.axis`='noise' is not an axis"):
+    nso_jax.noise_stability_gradient(
+      grad_fn, w, 0, sigma=0.1, execution=batching.Execution(axis="noise")
+    )
   with pytest.raises(ValueError, match=r"`data_axis`='data' is not an axis"):
     nso_jax.noise_stability_gradient(grad_fn, w, 0, sigma=0.1, data_axis="data")
-  with pytest.raises(ValueError, match=r"`axis_name`='noise' is not an axis"):
-    batching.sum_indices(lambda i: i, 3, axis_name="noise")
-  with pytest.raises(ValueError, match=r"`probe_axis`='noise' is not an axis"):
-    hessian.hutchinson(lambda v: v, w, 0, num_matvecs=4, probe_axis="noise")
+  on_noise = batching.Execution(axis="noise")
+  with pytest.raises(ValueError, match=r"`execution.axis`='noise' is not an axis"):
+    batching.sum_indices(lambda i: i, 3, execution=on_noise)
+  with pytest.raises(ValueError, match=r"`execution.axis`='noise' is not an axis"):
+    hessian.hutchinson(lambda v: v, w, 0, num_matvecs=4, execution=on_noise)
+  with pytest.raises(ValueError, match=r"`execution.axis`='noise' is not an axis"):
+    hessian.layer_traces(
+      lambda p, x: jnp.sum(x * p**2), w, w[None], 0, execution=on_noise
+    )
 
 
 @pytest.mark.parametrize(
   ("options", "error", "message"),
   [
-    ({"pair_axis": 3}, TypeError, "`pair_axis` must be a mesh axis name"),
+    ({"execution": 3}, TypeError, "`execution` must be a batching.Execution"),
     ({"data_axis": ("data", 1)}, TypeError, "must name mesh axes with strings"),
-    ({"pair_axis": ()}, TypeError, "`pair_axis` must be a mesh axis name"),
+    ({"data_axis": ()}, TypeError, "`data_axis` must be a mesh axis name"),
     ({"per_shard_noise": True}, ValueError, "it needs `data_axis`"),
     ({"per_shard_noise": 1, "data_axis": "d"}, ValueError, "per_shard_noise"),
     (
-      {"pair_axis": "x", "data_axis": ("x", "y")},
+      {"execution": Execution(axis="x"), "data_axis": ("x", "y")},
       ValueError,
       "share an axis",
     ),
@@ -171,9 +199,15 @@ def test_bad_axis_settings_are_refused_when_the_transformation_is_built(
 def test_an_early_stop_cannot_be_split_over_devices():
   import jax.numpy as jnp
 
+  from nso_jax import batching
   from nso_jax import hessian
 
   with pytest.raises(ValueError, match="`rtol`"):
     hessian.hutchinson(
-      lambda v: v, jnp.ones(3), 0, num_matvecs=4, rtol=1e-3, probe_axis="noise"
+      lambda v: v,
+      jnp.ones(3),
+      0,
+      num_matvecs=4,
+      rtol=1e-3,
+      execution=batching.Execution(axis="noise"),
     )
