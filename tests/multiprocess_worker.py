@@ -56,7 +56,12 @@ def main(port, num_processes, process_id, out):
       (4, 2), ("data", "noise"), axis_types=(jax.sharding.AxisType.Auto,) * 2
     )
     mesh_tx = nso_jax.nso(
-      optax.sgd(0.1, momentum=0.9), 0.05, 5, key=0, pair_axis="noise", data_axis="data"
+      optax.sgd(0.1, momentum=0.9),
+      0.05,
+      5,
+      key=0,
+      execution=nso_jax.batching.Execution(axis="noise"),
+      data_axis="data",
     )
 
     @jax.jit

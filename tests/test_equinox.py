@@ -246,9 +246,7 @@ def test_non_array_leaves_are_left_alone_and_the_structure_is_kept():
 def test_jitted_training_reduces_the_loss_and_logs_the_smoothed_loss():
   model = _mlp()
   x, y = _data()
-  tx = nso_jax.nso(
-    optax.adamw(1e-2), sigma=0.01, num_perturbations=2, key=0, has_value=True
-  )
+  tx = nso_jax.nso(optax.adamw(1e-2), sigma=0.01, num_perturbations=2, key=0)
   opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
 
   @eqx.filter_jit

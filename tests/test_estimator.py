@@ -309,7 +309,7 @@ def test_mixed_pytree_keeps_structure_and_dtypes():
     (dict(noise="cauchy"), ValueError, "`noise` must be one of"),
     (dict(execution="pmap"), ValueError, "`execution` must be one of"),
     (dict(execution=3), TypeError, "`execution` must be a batching.Execution"),
-    (dict(param_filter=3), TypeError, "`param_filter` must be None, a callable"),
+    (dict(param_filter=3), ValueError, "`param_filter` must be None, a callable"),
     (dict(data_axis=3), TypeError, "`data_axis` must be a mesh axis name"),
   ],
 )
@@ -327,9 +327,7 @@ def test_bad_params_and_grad_fn_raise_clear_errors():
       lambda p: p, {"w": jnp.ones(2), "step": jnp.array(1)}, 0, sigma=0.1
     )
   with pytest.raises(ValueError, match=r"or a pair \(value, grads\)"):
-    nso_jax.noise_stability_gradient(
-      lambda w: (w, w, w), jnp.ones(2), 0, sigma=0.1
-    )
+    nso_jax.noise_stability_gradient(lambda w: (w, w, w), jnp.ones(2), 0, sigma=0.1)
   with pytest.raises(ValueError, match=r"or a pair \(value, grads\)"):
     nso_jax.noise_stability_gradient(
       lambda p: (1.0, p["w"]), {"w": jnp.ones(2)}, 0, sigma=0.1

@@ -34,7 +34,7 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 EXECUTIONS = (
   dict(execution="vmap"),
   dict(execution="map"),
-  dict(execution="map", chunk_size=2),
+  dict(execution=nso_jax.batching.Execution("map", chunk_size=2)),
   dict(execution="unroll"),
 )
 # |w| <= 2, sigma <= 0.5 and bounded noise (|z| <= sqrt(3)) keep every

@@ -74,7 +74,7 @@ class TestInvalidScalars:
     )(state)
     assert bool(jnp.all(jnp.isnan(updates)))
 
-  @pytest.mark.parametrize("flag", ["one_sided", "has_value"])
+  @pytest.mark.parametrize("flag", ["one_sided", "per_shard_noise"])
   @pytest.mark.parametrize("value", ["no", 0, None])
   def test_non_bool_flags_refused(self, flag, value):
     with pytest.raises(ValueError, match=rf"`{flag}` must be True or False"):
@@ -138,24 +138,52 @@ class TestCleanWeight:
 class TestHalfPrecisionNoise:
   def test_noise_resolution_reports_rounding(self):
     params = jnp.full((1000,), 4.0, jnp.float16)  # spacing 2**-8 at 4.0
-    resolutions = {}
-    for sigma in (1e-4, 0.5):
-      tx = nso_jax.noise_stability(sigma, key=0, track_noise_resolution=True)
-      _, state = tx.update(None, tx.init(params), params, grad_fn=lambda p: p)
-      resolutions[sigma] = float(state.noise_resolution)
-    untracked = nso_jax.noise_stability(1e-4, key=0)
-    _, state = untracked.update(
-      None, untracked.init(params), params, grad_fn=lambda p: p
-    )
-    assert np.isnan(state.noise_resolution)  # not measured unless asked
+    resolutions = {
+      sigma: float(nso_jax.noise_resolution(params, sigma, 0)) for sigma in (1e-4, 0.5)
+    }
     assert resolutions[1e-4] < 0.05  # W + U rounds back to W
     assert resolutions[0.5] == pytest.approx(1.0, abs=1e-3)
 
   def test_noise_resolution_is_one_in_float32(self):
-    tx = nso_jax.noise_stability(1e-4, key=0)
-    params = jnp.ones(4)
-    _, state = tx.update(None, tx.init(params), params, grad_fn=lambda p: p)
-    assert float(state.noise_resolution) == 1.0
+    assert float(nso_jax.noise_resolution(jnp.ones(4), 1e-4, 0)) == 1.0
+    assert float(nso_jax.noise_resolution(jnp.ones(4), 0.0, 0)) == 1.0
+
+  def test_noise_resolution_measures_the_first_pair_of_the_update(self):
+    # The noise of the next update's first pair, from the split state key,
+    # measured by hand.
+    params = {"w": jnp.linspace(1.0, 8.0, 64).astype(jnp.bfloat16), "b": jnp.ones(3)}
+    state = nso_jax.noise_stability(0.01, key=5).init(params)
+    step_key = jax.random.split(state.key)[0]
+    z = nso_jax.sample_noise(jax.random.fold_in(step_key, 0), params)
+    u = np.asarray(z["w"] * jnp.asarray(0.01, jnp.bfloat16))  # eager: rounded
+    w = np.asarray(params["w"])
+    moved = (w + u).astype(np.float32) - w.astype(np.float32)
+    expected = np.sum(moved**2) / np.sum(u.astype(np.float32) ** 2)
+    # Under jit as well: XLA's excess precision does not skip the rounding.
+    for measure in (nso_jax.noise_resolution, jax.jit(nso_jax.noise_resolution)):
+      np.testing.assert_allclose(measure(params, 0.01, step_key), expected, rtol=1e-6)
+
+  def test_noise_resolution_with_zero_noise_and_under_vmap(self):
+    half = jnp.full(16, 4.0, jnp.float16)
+    assert float(nso_jax.noise_resolution(half, 0.0, 0)) == 1.0  # nothing asked
+    sigmas = jnp.array([1e-4, 0.5])
+    got = jax.vmap(lambda s: nso_jax.noise_resolution(half, s, 0))(sigmas)
+    assert got.shape == (2,) and float(got[0]) < float(got[1])
+
+  @pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+      (dict(sigma=-1.0), ValueError, "`sigma`"),
+      (dict(key=None), ValueError, "`key` is required"),
+      (dict(noise="gauss"), ValueError, "`noise`"),
+      (dict(param_filter=3), ValueError, "`param_filter`"),
+      (dict(params={"n": jnp.ones(2, jnp.int32)}), TypeError, "`params`"),
+    ],
+  )
+  def test_noise_resolution_refuses_bad_input(self, kwargs, error, match):
+    args = dict(params=jnp.ones(2), sigma=0.1, key=0) | kwargs
+    with pytest.raises(error, match=match):
+      nso_jax.noise_resolution(**args)
 
 
 def nan_at_positive_perturbation(w):

@@ -316,7 +316,9 @@ def test_settings_are_checked_when_built_not_at_update(monkeypatch):
   ]:
     original = getattr(module, name)
     monkeypatch.setattr(
-      module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+      module,
+      name,
+      lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k),
     )
   jax.jit(lambda s: tx.update(None, s, params, grad_fn=jax.grad(loss)))(state)
   assert calls == []  # the update runs the algorithm only

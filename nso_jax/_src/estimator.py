@@ -78,7 +78,7 @@ def check_param_filter(param_filter: Any) -> selection.ParamFilter:
     return param_filter
   for flag in jax.tree.leaves(param_filter):
     if not isinstance(flag, (bool, np.bool_)):
-      raise TypeError(
+      raise ValueError(
         "`param_filter` must be None, a callable (path, leaf) -> bool or a "
         f"pytree of Python bools; got a leaf {flag!r}."
       )

@@ -33,7 +33,9 @@ def noise_resolution(
 
     \frac{\lVert (W + U) - W \rVert^2}{\lVert U \rVert^2}
 
-  in float32 over the perturbed half-precision leaves. Near 1, the
+  in float32 over the perturbed half-precision leaves, ``U`` and ``W + U``
+  rounded to the leaf's dtype (under :func:`jax.jit` too, where XLA could
+  otherwise keep them in float32). Near 1, the
   perturbation is the one asked for; well below 1, raise ``sigma`` or keep
   float32 master weights. It is exactly 1 when no perturbed leaf is in half
   precision. To measure the noise of :func:`nso_jax.noise_stability`'s next
@@ -78,8 +80,14 @@ def noise_resolution(
   held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
   for is_half, w, zi in zip(half, leaves, z, strict=True):
     if is_half:
-      u = zi * jnp.asarray(sigma, zi.dtype)
-      moved = (w + u).astype(jnp.float32) - w.astype(jnp.float32)
+      u = _stored(zi * jnp.asarray(sigma, zi.dtype))
+      moved = _stored(w + u).astype(jnp.float32) - w.astype(jnp.float32)
       held += jnp.sum(moved**2)
       asked += jnp.sum(u.astype(jnp.float32) ** 2)
   return jnp.where(asked > 0, held / jnp.where(asked > 0, asked, 1), 1.0)
+
+
+def _stored(x: jax.Array) -> jax.Array:
+  """``x`` rounded to its dtype, which XLA may otherwise skip (excess precision)."""
+  info = jnp.finfo(x.dtype)
+  return jax.lax.reduce_precision(x, info.nexp, info.nmant)
