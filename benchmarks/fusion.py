@@ -440,10 +440,12 @@ def section_execution(
     for k in ks:
       settings: dict[str, dict[str, Any]] = {
         "vmap": {"execution": "vmap"},
-        "map1": {"execution": "map", "chunk_size": 1},
+        "map1": {"execution": batching.Execution("map", chunk_size=1)},
       }
       if k >= 8:
-        settings[f"map{k // 4}"] = {"execution": "map", "chunk_size": k // 4}
+        settings[f"map{k // 4}"] = {
+          "execution": batching.Execution("map", chunk_size=k // 4)
+        }
       if k <= max_unroll:
         settings["unroll"] = {"execution": "unroll"}
       candidates: dict[str, Any] = {"plain": lambda c=plain, a=plain_args: c(*a)}

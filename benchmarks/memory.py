@@ -35,9 +35,9 @@ from benchmarks import models
 
 STRATEGIES: dict[str, dict[str, Any]] = {
   "vmap": {"execution": "vmap"},
-  "map1": {"execution": "map", "chunk_size": 1},
-  "map2": {"execution": "map", "chunk_size": 2},
-  "map4": {"execution": "map", "chunk_size": 4},
+  "map1": {"execution": nso_jax.batching.Execution("map", chunk_size=1)},
+  "map2": {"execution": nso_jax.batching.Execution("map", chunk_size=2)},
+  "map4": {"execution": nso_jax.batching.Execution("map", chunk_size=4)},
   "unroll": {"execution": "unroll"},
 }
 

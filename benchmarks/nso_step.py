@@ -42,7 +42,7 @@ def strategies(k: int, chunk_sizes: tuple[int, ...]) -> dict[str, dict[str, Any]
   out: dict[str, dict[str, Any]] = {"vmap": {"execution": "vmap"}}
   for chunk in chunk_sizes:
     if chunk < k or chunk == 1:
-      out[f"map{chunk}"] = {"execution": "map", "chunk_size": chunk}
+      out[f"map{chunk}"] = {"execution": batching.Execution("map", chunk_size=chunk)}
   out["unroll"] = {"execution": "unroll"}
   return out
 

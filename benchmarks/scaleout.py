@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, meshes: list[tuple[int, int]]) -> None:
   def on_mesh(data: int, noise: int, layout: str) -> dict:
     auto = (jax.sharding.AxisType.Auto,) * 2
     mesh = jax.make_mesh((data, noise), ("data", "noise"), axis_types=auto)
-    tx = make_tx(pair_axis="noise", data_axis="data")
+    tx = make_tx(execution=nso_jax.batching.Execution(axis="noise"), data_axis="data")
 
     @partial(
       jax.shard_map,
