@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ def plot_spectral_density(
   ax: Any = None,
   *,
   floor: float | None = None,
-  **plot_kwargs: Any,
+  plot_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
   """Plots a :class:`SpectralDensity` on a logarithmic density axis.
 
@@ -27,7 +28,8 @@ def plot_spectral_density(
     ax: a matplotlib ``Axes``; ``None`` creates a new figure.
     floor: the smallest density drawn (a log axis cannot show zero); ``None``
       uses ``1e-8`` times the peak.
-    **plot_kwargs: passed on to ``ax.semilogy``.
+    plot_kwargs: keyword arguments for ``ax.semilogy`` (a line's ``color``,
+      ``label``, ...).
 
   Returns:
     The ``Axes``.
@@ -57,7 +59,7 @@ def plot_spectral_density(
     floor = 1e-8 * float(values.max()) if values.max() > 0 else 1e-12
   if ax is None:
     _, ax = plt.subplots()
-  ax.semilogy(grid, np.maximum(values, floor), **plot_kwargs)
+  ax.semilogy(grid, np.maximum(values, floor), **(plot_kwargs or {}))
   ax.set_xlabel("eigenvalue")
   ax.set_ylabel("density")
   return ax
