@@ -242,7 +242,8 @@ def resolve(
       f"most {MAX_UNROLLED}, or use 'map' (memory of one chunk) or 'vmap'."
     )
   chunk = min(execution.chunk_size or default_chunk_size(), local_size)
-  return Resolved(strategy, chunk, axes, num_devices, size, local_size)
+  concrete = cast(Literal["vmap", "map", "unroll"], strategy)
+  return Resolved(concrete, chunk, axes, num_devices, size, local_size)
 
 
 def _on_this_device(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Callable:
