@@ -12,6 +12,7 @@ algorithms that need a basis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,10 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 Matvec = Callable[[PyTree], PyTree]
 
 CURVATURE_LEAVES = "curvature is defined for floating-point leaves only"
+# How a Hessian-vector product differentiates twice (see hvp).
+HVP_MODES = ("auto", "forward", "reverse")
+# Part of the TypeError JAX raises for jax.jvp through a custom_vjp function.
+NO_FORWARD_RULE = "custom_vjp"
 
 
 def check_template(template: PyTree, name: str = "template") -> None:
@@ -100,22 +105,83 @@ def flatten_operator(matvec: Matvec, template: PyTree) -> FlatOperator:
   return FlatOperator(flat_matvec, unravel, int(flat.size), dtype)
 
 
-def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTree:
-  r"""The Hessian-vector product :math:`\nabla^2 L(\theta) v`, forward over reverse.
+def _forward_over_reverse(
+  loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree
+) -> PyTree:
+  gradient = lambda p: jax.grad(loss_fn)(p, batch)
+  return jax.jvp(gradient, (params,), (tangent,))[1]
 
-  Computed as the directional derivative of the gradient,
-  :math:`\frac{d}{d\epsilon} \nabla L(\theta + \epsilon v)|_{\epsilon=0}`, by
-  ``jax.jvp`` of ``jax.grad``: one forward and one backward pass, about twice
-  the cost of a gradient, with no Hessian ever formed.
+
+def _reverse_over_reverse(
+  loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree
+) -> PyTree:
+  # The gradient of v . grad L: the pullback of the gradient map applied to v
+  # (H is symmetric, so H^T v = H v).
+  gradient = lambda p: jax.grad(loss_fn)(p, batch)
+  _, pullback = jax.vjp(gradient, params)
+  return pullback(tangent)[0]
+
+
+def _lacks_forward_rule(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether tracing ``fn(*args)`` (abstractly) meets a ``custom_vjp`` under jvp."""
+  try:
+    jax.eval_shape(fn, *args)
+  except TypeError as error:
+    if NO_FORWARD_RULE in str(error):
+      return True
+    raise
+  return False
+
+
+def resolve_hvp_mode(
+  mode: str, loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree
+) -> str:
+  """``"forward"`` or ``"reverse"``: ``mode``, with ``"auto"`` decided once.
+
+  ``"auto"`` traces the forward-over-reverse product abstractly (nothing is
+  computed) and keeps it unless the loss has no forward-mode rule (a
+  ``jax.custom_vjp`` function).
+  """
+  checks.check_choice(mode, HVP_MODES, "mode")
+  if mode != "auto":
+    return mode
+  forward = functools.partial(_forward_over_reverse, loss_fn)
+  lacks = _lacks_forward_rule(forward, params, batch, tangent)
+  return "reverse" if lacks else "forward"
+
+
+def hvp(
+  loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree, *, mode: str = "auto"
+) -> PyTree:
+  r"""The Hessian-vector product :math:`\nabla^2 L(\theta) v`.
+
+  By default forward over reverse: the directional derivative of the
+  gradient, :math:`\frac{d}{d\epsilon} \nabla L(\theta + \epsilon
+  v)|_{\epsilon=0}`, by ``jax.jvp`` of ``jax.grad``: one forward and one
+  backward pass, about twice the cost of a gradient, with no Hessian ever
+  formed. A loss with no forward-mode rule (one that calls a
+  ``jax.custom_vjp`` function, such as a hand-written cross-entropy) cannot
+  be differentiated that way; there the product is reverse over reverse,
+  the gradient of :math:`v \cdot \nabla L(\theta)` (``jax.vjp`` of
+  ``jax.grad``), which needs only reverse-mode rules and keeps more of the
+  forward pass in memory.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     params: the point :math:`\theta`, any pytree.
     batch: the data passed to ``loss_fn``.
     tangent: the direction :math:`v`, a pytree shaped like ``params``.
+    mode: ``"auto"`` (forward over reverse where the loss allows it, decided
+      once when the product is traced; reverse over reverse otherwise),
+      ``"forward"`` or ``"reverse"``. The two agree to rounding.
 
   Returns:
     :math:`\nabla^2 L(\theta) v`, shaped like ``params``.
+
+  Raises:
+    ValueError: for an unknown ``mode``.
+    TypeError: with ``mode="forward"`` on a loss that has no forward-mode
+      rule.
 
   Example:
     >>> import jax.numpy as jnp
@@ -124,9 +190,18 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, tangent: PyTree) -> PyTr
     >>> hessian.hvp(loss, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]),
     ...             jnp.array([1.0, 1.0]))
     Array([2., 4.], dtype=float32)
+    >>> hessian.hvp(loss, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]),
+    ...             jnp.array([1.0, 1.0]), mode="reverse")
+    Array([2., 4.], dtype=float32)
+
+  References:
+    Pearlmutter, "Fast exact multiplication by the Hessian", Neural
+    Computation, 1994.
   """
-  gradient = lambda p: jax.grad(loss_fn)(p, batch)
-  return jax.jvp(gradient, (params,), (tangent,))[1]
+  mode = resolve_hvp_mode(mode, loss_fn, params, batch, tangent)
+  if mode == "forward":
+    return _forward_over_reverse(loss_fn, params, batch, tangent)
+  return _reverse_over_reverse(loss_fn, params, batch, tangent)
 
 
 def _shape_on_data(fn: Callable[..., Any], name: str, first: Any, batch: PyTree) -> Any:
@@ -161,6 +236,7 @@ def hessian_operator(
   *,
   param_filter: selection.ParamFilter = None,
   data_axis: mesh.AxisName | None = None,
+  mode: str = "auto",
 ) -> LinearOperator:
   r"""The loss Hessian over a data set, as a matrix-free operator.
 
@@ -170,8 +246,11 @@ def hessian_operator(
   .. math::
     H = \frac{\sum_b n_b \nabla^2 L_b(\theta)}{\sum_b n_b},
 
-  applied by forward-over-reverse products (:func:`hvp`) accumulated in a
-  ``jax.lax.scan`` over the batches, inside the caller's compiled program.
+  applied by Hessian-vector products (:func:`hvp`, forward over reverse where
+  the loss allows it) accumulated in a ``jax.lax.scan`` over the batches,
+  inside the caller's compiled program. Every one-call measure of
+  :mod:`nso_jax.hessian` builds this operator with ``mode="auto"``, so a
+  loss with a ``jax.custom_vjp`` part works everywhere.
   ``data`` may be
 
   * one batch: any pytree of arrays (an array, a tuple, a dict, ...);
@@ -196,13 +275,17 @@ def hessian_operator(
       shard (as NSO's ``data_axis`` takes it): each product is the mean of
       the shards' products, one ``psum``. Without it, a loss inside
       ``shard_map`` must average itself over the shards (``jax.lax.pmean``).
+    mode: how the products differentiate twice (see :func:`hvp`):
+      ``"auto"`` decides once, on the first batch, between forward over
+      reverse and, for a loss without a forward-mode rule, reverse over
+      reverse; ``"forward"`` or ``"reverse"`` choose.
 
   Returns:
     A :class:`LinearOperator`.
 
   Raises:
-    ValueError: for an empty ``params``, a non-scalar loss, malformed ``data``
-      or a ``param_filter`` that selects nothing.
+    ValueError: for an empty ``params``, a non-scalar loss, malformed ``data``,
+      a ``param_filter`` that selects nothing or an unknown ``mode``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -225,6 +308,7 @@ def hessian_operator(
   )
 
   data_axes = mesh.check_axis_name(data_axis, "data_axis")
+  mode = resolve_hvp_mode(mode, restricted_loss, selected, plan.first_batch(), selected)
 
   def matvec(v: PyTree) -> PyTree:
     # Typed as varying over the data axes, the point and the direction give
@@ -235,7 +319,9 @@ def hessian_operator(
     if data_axes:
       v = jax.tree.map(lambda t: mesh.mark_varying(t, data_axes), v)
     point = jax.tree.map(mesh.vary_like, selected, v)
-    per_batch = lambda batch, tangent: hvp(restricted_loss, point, batch, tangent)
+    per_batch = lambda batch, tangent: hvp(
+      restricted_loss, point, batch, tangent, mode=mode
+    )
     local = data_plans.average_over_data(per_batch, plan, v)
     if not data_axes:
       return local
@@ -245,6 +331,22 @@ def hessian_operator(
   return LinearOperator(matvec, selected)
 
 
+def _model_products(
+  model: Callable[[PyTree], PyTree], point: PyTree, mode: str
+) -> tuple[PyTree, Matvec, Matvec]:
+  """The outputs of ``model`` at ``point``, ``v -> J v`` and ``u -> J^T u``."""
+  if mode == "forward":
+    outputs, jacobian = jax.linearize(model, point)
+    transpose = lambda u: jax.linear_transpose(jacobian, point)(u)[0]
+    return outputs, jacobian, transpose
+  outputs, pullback = jax.vjp(model, point)
+  transpose = lambda u: pullback(u)[0]
+  zeros = jax.tree.map(jnp.zeros_like, outputs)
+  # J v is the transpose of u -> J^T u, taken by differentiating it.
+  jacobian = lambda v: jax.vjp(transpose, zeros)[1](v)[0]
+  return outputs, jacobian, transpose
+
+
 def ggn_operator(
   model_fn: Callable[[PyTree, PyTree], PyTree],
   per_example_loss: Callable[[PyTree, PyTree], jax.Array],
@@ -252,6 +354,7 @@ def ggn_operator(
   data: Any,
   *,
   param_filter: selection.ParamFilter = None,
+  mode: str = "auto",
 ) -> LinearOperator:
   r"""The generalised Gauss-Newton matrix over a data set, as an operator.
 
@@ -268,6 +371,13 @@ def ggn_operator(
   product of :math:`\ell` in the outputs and a transposed linear map. Data are
   handled as in :func:`hessian_operator`.
 
+  A model without a forward-mode rule (a ``jax.custom_vjp`` layer) gives
+  :math:`J^\top u` by its pullback and :math:`J v` by transposing that
+  pullback (the gradient of :math:`u \mapsto v \cdot J^\top u`, which
+  differentiates the custom backward rule once more: it must itself be
+  differentiable); a per-example loss without one gets its output Hessian
+  product by reverse over reverse (:func:`hvp`).
+
   Args:
     model_fn: ``model_fn(params, batch) -> outputs`` (any pytree).
     per_example_loss: ``per_example_loss(outputs, batch) -> losses`` of shape
@@ -275,6 +385,10 @@ def ggn_operator(
     params: the point, any pytree of float arrays.
     data: one batch, a list or iterator of batches, or :class:`StackedBatches`.
     param_filter: as in :func:`hessian_operator`.
+    mode: ``"auto"`` (forward mode for the model's :math:`J v` and the output
+      Hessian product wherever the functions have forward-mode rules, each
+      decided once on the first batch), ``"forward"`` or ``"reverse"`` (for
+      both).
 
   Returns:
     A :class:`LinearOperator`.
@@ -310,15 +424,21 @@ def ggn_operator(
       f"scalar, got {losses}."
     )
 
+  checks.check_choice(mode, HVP_MODES, "mode")
+  model_mode = mode
+  if mode == "auto":
+    model_jvp = lambda p, t: jax.jvp(lambda q: restricted_model(q, first), (p,), (t,))
+    lacks = _lacks_forward_rule(model_jvp, selected, selected)
+    model_mode = "reverse" if lacks else "forward"
+  loss_mode = resolve_hvp_mode(mode, output_loss, outputs, first, outputs)
+
   def per_batch(batch: PyTree, v: PyTree) -> PyTree:
     # Varying as the direction does over a mesh axis splitting the probes.
     point = jax.tree.map(mesh.vary_like, selected, v)
     model = lambda sub: restricted_model(sub, batch)
-    outputs, model_jvp = jax.linearize(model, point)
-    output_gradient = lambda out: jax.grad(output_loss)(out, batch)
-    output_hvp = jax.jvp(output_gradient, (outputs,), (model_jvp(v),))[1]
-    (product,) = jax.linear_transpose(model_jvp, point)(output_hvp)
-    return product
+    outputs, jacobian, transpose = _model_products(model, point, model_mode)
+    output_hvp = hvp(output_loss, outputs, batch, jacobian(v), mode=loss_mode)
+    return transpose(output_hvp)
 
   return LinearOperator(
     lambda v: data_plans.average_over_data(per_batch, plan, v), selected
