@@ -36,6 +36,10 @@ from nso_jax._src.curvature_measures import spectral_density
 from nso_jax._src.curvature_measures import top_eigenvalues
 from nso_jax._src.curvature_measures import trace
 from nso_jax._src.data_plans import StackedBatches
+from nso_jax._src.landscape import LossLandscape
+from nso_jax._src.landscape import eigenvector_directions
+from nso_jax._src.landscape import filter_normalized_direction
+from nso_jax._src.landscape import loss_landscape
 from nso_jax._src.lanczos import DensityGrid
 from nso_jax._src.lanczos import PowerIterationResult
 from nso_jax._src.lanczos import SpectralDensity
@@ -55,6 +59,7 @@ from nso_jax._src.paper_measures import layer_hessian_measure
 from nso_jax._src.paper_measures import layer_traces
 from nso_jax._src.paper_measures import noise_stability_measure
 from nso_jax._src.paper_measures import trace_bound_term
+from nso_jax._src.plotting import plot_loss_landscape
 from nso_jax._src.plotting import plot_spectral_density
 from nso_jax._src.stochastic_trace import TraceEstimate
 from nso_jax._src.stochastic_trace import hutch_pp
@@ -64,6 +69,7 @@ from nso_jax._src.stochastic_trace import xtrace
 __all__ = [
   "DensityGrid",
   "LinearOperator",
+  "LossLandscape",
   "NoiseStabilityEstimate",
   "PowerIterationResult",
   "SpectralDensity",
@@ -73,6 +79,8 @@ __all__ = [
   "Tridiagonal",
   "direction_curvature",
   "eigenvalues",
+  "eigenvector_directions",
+  "filter_normalized_direction",
   "ggn_operator",
   "hessian_operator",
   "hutch_pp",
@@ -82,8 +90,10 @@ __all__ = [
   "lanczos_tridiag",
   "layer_hessian_measure",
   "layer_traces",
+  "loss_landscape",
   "max_eigenvalue",
   "noise_stability_measure",
+  "plot_loss_landscape",
   "plot_spectral_density",
   "power_iteration",
   "spectral_density",

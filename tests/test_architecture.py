@@ -14,6 +14,7 @@ CURVATURE = {
   "lanczos",
   "curvature_measures",
   "paper_measures",
+  "landscape",
   "plotting",
 }
 FOUNDATION = {"checks", "mesh", "batching", "noise", "selection"}
@@ -22,7 +23,8 @@ CURVATURE_ORDER = [
   {"data_plans"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
-  {"curvature_measures", "paper_measures", "plotting"},
+  {"curvature_measures", "paper_measures", "landscape"},
+  {"plotting"},
 ]
 
 
