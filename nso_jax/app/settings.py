@@ -341,7 +341,7 @@ SPECS: dict[str, Spec] = {
   "density_probes": Spec(
     Count(64, "each probe runs its own Lanczos"), "probes of the spectral density"
   ),
-  "ns_eps": Spec(Real(0.0), "noise-stability perturbation std (eps)"),
+  "ns_sigma": Spec(Real(0.0), "noise-stability measure's noise std (sigma)"),
   "ns_draws": Spec(
     Count(10_000, "each draw evaluates the loss on every measured example"),
     "noise-stability draws",

@@ -58,7 +58,7 @@ class Settings(settings_lib.Training):
   hessian_samples: int = setting(1000)
   hessian_matvecs: int = setting(100)
   lanczos_steps: int = setting(30)
-  ns_eps: float = setting(0.01)
+  ns_sigma: float = setting(0.01)
   ns_draws: int = setting(20)
   output: str = setting("nso_experiments")
   plots: bool = setting(True)
@@ -69,7 +69,7 @@ class Settings(settings_lib.Training):
     return measures.MeasurePlan(
       hessian_matvecs=self.hessian_matvecs,
       lanczos_steps=self.lanczos_steps,
-      noise_sigma=self.ns_eps,
+      noise_sigma=self.ns_sigma,
       noise_draws=self.ns_draws,
     )
 

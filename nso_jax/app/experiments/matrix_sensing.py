@@ -86,7 +86,7 @@ class Settings(settings_lib.Settings):
   )
   hessian_matvecs: int = setting(100)
   lanczos_steps: int = setting(30)
-  ns_eps: float = setting(0.01)
+  ns_sigma: float = setting(0.01)
   ns_draws: int = setting(20)
   output: str = setting("nso_experiments/matrix-sensing")
   plots: bool = setting(True)
@@ -116,7 +116,7 @@ class Settings(settings_lib.Settings):
     return measures.MeasurePlan(
       hessian_matvecs=self.hessian_matvecs,
       lanczos_steps=self.lanczos_steps,
-      noise_sigma=self.ns_eps,
+      noise_sigma=self.ns_sigma,
       noise_draws=self.ns_draws,
     )
 
