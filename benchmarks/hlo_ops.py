@@ -7,6 +7,9 @@ and records, for the optimized HLO as XLA runs it:
 * ``ops``: every instruction counted by opcode, fusion bodies included;
 * ``kernels``: the summary of :func:`benchmarks.fusion.hlo_counts` (fusions,
   loops, launches per step);
+* the same for the NSO gradient alone (``noise_stability_gradient`` under
+  ``jit``, configurations ``<model>_gradient_k<k>``), which leaves the
+  optimizer state out;
 * ``op_sequence_sha256``: a hash of the opcodes in program order, names and
   constants left out, so two programs with the same hash differ at most in
   their names.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -54,11 +58,27 @@ def op_counts(text: str) -> tuple[dict[str, int], str]:
   return dict(sorted(ops.items())), digest
 
 
+def compiled_gradient(params: Any, loss_fn: Any, batch: Any, k: int) -> Any:
+  """The NSO gradient alone, ``noise_stability_gradient`` under ``jit``."""
+
+  def gradient(params, key, batch):
+    grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
+    return nso_jax.noise_stability_gradient(
+      grad_fn, params, key, sigma=fusion.SIGMA, num_perturbations=k
+    )
+
+  return jax.jit(gradient).lower(params, jax.random.key(0), batch).compile()
+
+
 def measure(size: str) -> dict[str, Any]:
   out: dict[str, Any] = {}
-  for name, k in CONFIGS:
+  for (name, k), kind in itertools.product(CONFIGS, ("step", "gradient")):
     params, loss_fn, batch, _ = models.make_model(name, size)
-    compiled, _, _ = fusion.compiled_step("nso", params, loss_fn, batch, k=k)
+    if kind == "step":
+      compiled, _, _ = fusion.compiled_step("nso", params, loss_fn, batch, k=k)
+    else:
+      compiled = compiled_gradient(params, loss_fn, batch, k)
+      name = f"{name}_gradient"
     text = compiled.as_text()
     ops, digest = op_counts(text)
     kernels = fusion.hlo_counts(text)
@@ -97,14 +117,21 @@ def main(argv: list[str] | None = None) -> None:
       (RESULTS / f"hlo_ops_{jax.default_backend()}_{args.compare}.json").read_text()
     )["configs"]
     for name, now in record["configs"].items():
+      if name not in other:
+        continue
       then = other[name]
       same = (
         now["ops"] == then["ops"]
         and now["op_sequence_sha256"] == then["op_sequence_sha256"]
       )
+      changes = {
+        op: now["ops"].get(op, 0) - then["ops"].get(op, 0)
+        for op in sorted(set(now["ops"]) | set(then["ops"]))
+      }
+      diff = ", ".join(f"{op} {n:+d}" for op, n in changes.items() if n)
       print(
         f"{name}: {then['total_ops']} -> {now['total_ops']} ops, "
-        f"{'identical' if same else 'DIFFERENT'}"
+        f"{'identical' if same else 'DIFFERENT: ' + (diff or 'same counts, order')}"
       )
 
 
