@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "nso_jax" / "_src"
-NSO_CORE = {"estimator", "transform", "nonfinite"}
+NSO_CORE = {"estimator", "transform", "nonfinite", "precision"}
 CURVATURE = {
   "operators",
   "data_plans",
@@ -14,16 +14,19 @@ CURVATURE = {
   "lanczos",
   "curvature_measures",
   "paper_measures",
+  "diagonal",
+  "fisher",
+  "groups",
   "landscape",
   "plotting",
 }
 FOUNDATION = {"checks", "mesh", "batching", "noise", "selection"}
 # Each curvature layer imports only the layers below it.
 CURVATURE_ORDER = [
-  {"data_plans"},
+  {"data_plans", "groups"},
   {"operators"},
   {"stochastic_trace", "lanczos"},
-  {"curvature_measures", "paper_measures", "landscape"},
+  {"curvature_measures", "paper_measures", "diagonal", "fisher", "landscape"},
   {"plotting"},
 ]
 
