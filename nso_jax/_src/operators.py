@@ -12,7 +12,6 @@ algorithms that need a basis.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +34,7 @@ Matvec = Callable[[PyTree], PyTree]
 CURVATURE_LEAVES = "curvature is defined for floating-point leaves only"
 # How a Hessian-vector product differentiates twice (see hvp).
 HVP_MODES = ("auto", "forward", "reverse")
-# Part of the TypeError JAX raises for jax.jvp through a custom_vjp function.
+# Part of the name of the primitive that applies a jax.custom_vjp function.
 NO_FORWARD_RULE = "custom_vjp"
 
 
@@ -122,15 +121,32 @@ def _reverse_over_reverse(
   return pullback(tangent)[0]
 
 
-def _lacks_forward_rule(fn: Callable[..., Any], *args: Any) -> bool:
-  """Whether tracing ``fn(*args)`` (abstractly) meets a ``custom_vjp`` under jvp."""
-  try:
-    jax.eval_shape(fn, *args)
-  except TypeError as error:
-    if NO_FORWARD_RULE in str(error):
+def _applies(jaxpr: Any, fragment: str) -> bool:
+  """Whether ``jaxpr``, nested jaxprs included, applies a primitive so named."""
+  for eqn in jaxpr.eqns:
+    if fragment in eqn.primitive.name:
       return True
-    raise
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds a Jaxpr
+        if hasattr(inner, "eqns") and _applies(inner, fragment):
+          return True
   return False
+
+
+def _lacks_forward_rule(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fn(*args)`` calls a ``jax.custom_vjp`` function anywhere.
+
+  Such a function has no forward-mode rule. JAX traces ``jax.jvp`` through
+  it without complaint and fails only when the program is lowered or run,
+  so the check reads ``fn``'s own program (traced abstractly, nothing
+  computed) instead of trying a product.
+  """
+  try:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  except Exception:  # the callers' own checks report failures
+    return False
+  return _applies(jaxpr, NO_FORWARD_RULE)
 
 
 def resolve_hvp_mode(
@@ -138,16 +154,15 @@ def resolve_hvp_mode(
 ) -> str:
   """``"forward"`` or ``"reverse"``: ``mode``, with ``"auto"`` decided once.
 
-  ``"auto"`` traces the forward-over-reverse product abstractly (nothing is
-  computed) and keeps it unless the loss has no forward-mode rule (a
-  ``jax.custom_vjp`` function).
+  ``"auto"`` traces the loss abstractly (nothing is computed) and keeps
+  forward over reverse unless the loss calls a ``jax.custom_vjp`` function,
+  which has no forward-mode rule.
   """
+  del tangent  # the decision depends on the loss alone
   checks.check_choice(mode, HVP_MODES, "mode")
   if mode != "auto":
     return mode
-  forward = functools.partial(_forward_over_reverse, loss_fn)
-  lacks = _lacks_forward_rule(forward, params, batch, tangent)
-  return "reverse" if lacks else "forward"
+  return "reverse" if _lacks_forward_rule(loss_fn, params, batch) else "forward"
 
 
 def hvp(
@@ -427,8 +442,7 @@ def ggn_operator(
   checks.check_choice(mode, HVP_MODES, "mode")
   model_mode = mode
   if mode == "auto":
-    model_jvp = lambda p, t: jax.jvp(lambda q: restricted_model(q, first), (p,), (t,))
-    lacks = _lacks_forward_rule(model_jvp, selected, selected)
+    lacks = _lacks_forward_rule(restricted_model, selected, first)
     model_mode = "reverse" if lacks else "forward"
   loss_mode = resolve_hvp_mode(mode, output_loss, outputs, first, outputs)
 
