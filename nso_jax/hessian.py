@@ -10,7 +10,10 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
   :func:`xtrace`, :func:`lanczos_eigenvalues`, :func:`lanczos_tridiag`,
   :func:`power_iteration` and :func:`stochastic_lanczos_quadrature`;
 * one call on a loss: :func:`trace`, :func:`top_eigenvalues`,
-  :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`;
+  :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`,
+  :func:`hessian_diagonal`, :func:`hessian_frobenius_norm`, and the Fisher
+  and Gauss-Newton traces :func:`empirical_fisher_trace`,
+  :func:`fisher_trace`, :func:`ggn_trace`;
 
 :func:`plot_spectral_density` to draw a density (evaluated on a
 :class:`DensityGrid`); and the NSO paper's own
@@ -30,12 +33,19 @@ eager call compiles anew each time: wrap repeated measurements in
 ``jax.jit`` with the parameters and the key as arguments.
 """
 
+from nso_jax._src.curvature_measures import FrobeniusEstimate
 from nso_jax._src.curvature_measures import eigenvalues
+from nso_jax._src.curvature_measures import hessian_frobenius_norm
 from nso_jax._src.curvature_measures import max_eigenvalue
 from nso_jax._src.curvature_measures import spectral_density
 from nso_jax._src.curvature_measures import top_eigenvalues
 from nso_jax._src.curvature_measures import trace
 from nso_jax._src.data_plans import StackedBatches
+from nso_jax._src.diagonal import DiagonalEstimate
+from nso_jax._src.diagonal import hessian_diagonal
+from nso_jax._src.fisher import empirical_fisher_trace
+from nso_jax._src.fisher import fisher_trace
+from nso_jax._src.fisher import ggn_trace
 from nso_jax._src.landscape import LossLandscape
 from nso_jax._src.landscape import eigenvector_directions
 from nso_jax._src.landscape import filter_normalized_direction
@@ -68,6 +78,8 @@ from nso_jax._src.stochastic_trace import xtrace
 
 __all__ = [
   "DensityGrid",
+  "DiagonalEstimate",
+  "FrobeniusEstimate",
   "LinearOperator",
   "LossLandscape",
   "NoiseStabilityEstimate",
@@ -80,8 +92,13 @@ __all__ = [
   "direction_curvature",
   "eigenvalues",
   "eigenvector_directions",
+  "empirical_fisher_trace",
   "filter_normalized_direction",
+  "fisher_trace",
   "ggn_operator",
+  "ggn_trace",
+  "hessian_diagonal",
+  "hessian_frobenius_norm",
   "hessian_operator",
   "hutch_pp",
   "hutchinson",

@@ -1,12 +1,14 @@
-"""Curvature measures of a loss: the Hessian's trace, eigenvalues and density.
+"""Curvature measures of a loss: the Hessian's trace, norm, eigenvalues, density.
 
 Each function is thin: it builds the Hessian operator of a loss over a data
 set (:func:`~nso_jax.hessian.hessian_operator`, with its ``param_filter`` and
 ``data_axis``) and runs one estimator of :mod:`nso_jax.hessian` on it:
 :func:`trace`, :func:`eigenvalues`, :func:`top_eigenvalues`,
-:func:`max_eigenvalue` and :func:`spectral_density`. They take the settings
-that measurements vary; an estimator's rarer ones (Gaussian probes, say) are
-had by calling it on the operator:
+:func:`max_eigenvalue`, :func:`spectral_density`, and
+:func:`hessian_frobenius_norm` (:math:`\\operatorname{tr}(H^2)` and
+:math:`\\lVert H \\rVert_F` from the squared norms of probe products).
+They take the settings that measurements vary; an estimator's rarer ones
+(Gaussian probes, say) are had by calling it on the operator:
 ``hutchinson(*hessian_operator(loss_fn, params, data), key, num_matvecs=100,
 probe="normal")``. With the same settings the two give the same bits.
 """
@@ -14,13 +16,16 @@ probe="normal")``. With the same settings the two give the same bits.
 from __future__ import annotations
 
 from typing import Any
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import lanczos
 from nso_jax._src import mesh
+from nso_jax._src import noise as noise_lib
 from nso_jax._src import operators
 from nso_jax._src import stochastic_trace
 from nso_jax._src.checks import PyTree
@@ -181,12 +186,16 @@ def top_eigenvalues(
   num_eigenvalues: int = 5,
   num_steps: int | None = None,
   return_eigenvectors: bool = False,
+  execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
   data_axis: mesh.AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   """The ``num_eigenvalues`` largest eigenvalues of the loss Hessian, decreasing.
 
   Lanczos with full reorthogonalisation; ``eigenvalues(..., which="LA")``.
+  For their residual bounds, call :func:`~nso_jax.hessian.lanczos_ritz` on
+  :func:`hessian_operator` with the same key: the same values, and
+  ``residual_bounds`` beside them.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
@@ -197,6 +206,10 @@ def top_eigenvalues(
     num_steps: Lanczos steps; ``None`` uses ``max(40, 2 * num_eigenvalues)``,
       capped at the dimension.
     return_eigenvectors: also return the eigenvectors.
+    execution: where the Lanczos steps run (see
+      :func:`~nso_jax.hessian.lanczos_eigenvalues`): ``"auto"`` drives them
+      from Python, the basis in host memory, for a convolutional model on
+      CPU called eagerly, and runs them in one compiled loop otherwise.
     param_filter: restricts to some leaves (see :func:`hessian_operator`).
     data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
       which ``data`` is split, ``loss_fn`` being the shard's loss (see
@@ -213,17 +226,17 @@ def top_eigenvalues(
     >>> hessian.top_eigenvalues(loss, jnp.ones(4), x, key=0, num_eigenvalues=2).round(4)
     Array([4., 3.], dtype=float32)
   """
-  return eigenvalues(
-    loss_fn,
-    params,
-    data,
+  operator = operators.hessian_operator(
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
+  )
+  return lanczos.lanczos_eigenvalues(
+    *operator,
     key,
     num_eigenvalues=num_eigenvalues,
-    which="LA",
     num_steps=num_steps,
+    which="LA",
     return_eigenvectors=return_eigenvectors,
-    param_filter=param_filter,
-    data_axis=data_axis,
+    execution=execution,
   )
 
 
@@ -336,3 +349,107 @@ def spectral_density(
     grid=grid,
     execution=execution,
   )
+
+
+class FrobeniusEstimate(NamedTuple):
+  """The Hessian's Frobenius norm and :math:`\\operatorname{tr}(H^2)`, with errors.
+
+  Attributes:
+    value: :math:`\\lVert H \\rVert_F`, the square root of ``squared``.
+    stderr: its standard error by the delta method,
+      ``squared_stderr / (2 value)``.
+    squared: the unbiased estimate of :math:`\\operatorname{tr}(H^2) =
+      \\lVert H \\rVert_F^2`.
+    squared_stderr: its standard error (``inf`` from a single probe).
+    num_matvecs: the Hessian-vector products spent.
+  """
+
+  value: jax.Array
+  stderr: jax.Array
+  squared: jax.Array
+  squared_stderr: jax.Array
+  num_matvecs: jax.Array
+
+
+def hessian_frobenius_norm(
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: checks.KeyLike,
+  *,
+  num_matvecs: int = 100,
+  execution: batching.ExecutionLike = "auto",
+  param_filter: ParamFilter = None,
+  data_axis: mesh.AxisName | None = None,
+) -> FrobeniusEstimate:
+  r"""The Frobenius norm of the loss Hessian and :math:`\operatorname{tr}(H^2)`.
+
+  With Rademacher probes :math:`z_j`, :math:`\mathbb{E}\lVert Hz
+  \rVert^2 = \operatorname{tr}(H^2) = \sum_i \lambda_i^2`, so
+
+  .. math::
+    \widehat{\operatorname{tr}(H^2)} = \frac1m \sum_{j=1}^m \lVert H z_j
+    \rVert^2, \qquad \widehat{\lVert H \rVert_F} =
+    \sqrt{\widehat{\operatorname{tr}(H^2)}},
+
+  one product per probe. The first is unbiased, with per-probe variance
+  :math:`2 \sum_{i \neq k} (H^2)_{ik}^2` (none when :math:`H^2` is
+  diagonal); its standard error is the sample one. The norm, a square root
+  of it, is biased low by about :math:`\operatorname{se}^2 / (8
+  \operatorname{tr}(H^2)^{3/2})` (Jensen), negligible once the relative
+  error is small; its standard error is the delta method's,
+  :math:`\operatorname{se} / (2 \lVert H \rVert_F)`. Unlike the trace,
+  these weigh negative curvature like positive: :math:`\operatorname{tr}(H^2)
+  \ge \lambda_{\max}^2` bounds the sharpest direction whatever the
+  signs.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
+    params: the parameters, any pytree of float arrays.
+    data: one batch, a list or iterator of batches, or :class:`StackedBatches`.
+    key: an int seed or a ``jax.random.key``.
+    num_matvecs: the number of probes :math:`m`.
+    execution: how the probes' products run (see
+      :func:`~nso_jax.hessian.hutchinson`); its ``axis`` splits the probes
+      over a mesh axis.
+    param_filter: restricts to some leaves (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split (see :func:`hessian_operator`).
+
+  Returns:
+    A :class:`~nso_jax.hessian.FrobeniusEstimate` ``(value, stderr, squared,
+    squared_stderr, num_matvecs)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import hessian
+    >>> loss = lambda w, x: 0.5 * jnp.mean(jnp.sum(x * w ** 2, axis=-1))
+    >>> x = jnp.array([[3.0, -4.0]])  # H = diag(3, -4): tr(H^2) = 25
+    >>> estimate = hessian.hessian_frobenius_norm(loss, jnp.ones(2), x, key=0)
+    >>> float(estimate.value), float(estimate.squared), float(estimate.stderr)
+    (5.0, 25.0, 0.0)
+
+  References:
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines", 1989 (applied to :math:`H^2`).
+  """
+  num = checks.check_positive_int(num_matvecs, "num_matvecs")
+  operator = operators.hessian_operator(
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
+  )
+  key = checks.canonicalize_key(key)
+
+  def squared_norm(index: jax.Array) -> jax.Array:
+    z = noise_lib.sample_noise(
+      jax.random.fold_in(key, index), operator.template, jax.random.rademacher
+    )
+    product = operator.matvec(z)
+    return operators.tree_vdot(product, product)
+
+  samples = batching.map_indices(squared_norm, num, execution=execution)
+  squared, squared_stderr = stochastic_trace.mean_and_stderr(samples)
+  norm = jnp.sqrt(jnp.maximum(squared, 0.0))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  stderr = jnp.where(norm > 0, squared_stderr / (2 * safe), jnp.sqrt(squared_stderr))
+  count = jnp.asarray(num, jnp.int32)
+  return FrobeniusEstimate(norm, stderr, squared, squared_stderr, count)

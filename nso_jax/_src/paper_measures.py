@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import data_plans
+from nso_jax._src import groups as groups_lib
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import operators
 from nso_jax._src import selection
@@ -277,6 +278,7 @@ def layer_hessian_measure(
   block_diagonal: bool = True,
   execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
+  group_by: groups_lib.GroupBy = None,
 ) -> PyTree:
   r"""The paper's Hessian-based measure: per layer, :math:`v_l^\top H_l v_l`.
 
@@ -316,10 +318,18 @@ def layer_hessian_measure(
       ``Execution(axis=...)`` splits the leaves over the devices of that mesh
       axis.
     param_filter: measure only some leaves (see :func:`hessian_operator`).
+    group_by: measure modules instead of leaves: ``None`` (per leaf), a
+      positive int (leaves sharing that many leading path keys form a
+      module, ``1`` puts ``"Dense_0"``'s kernel and bias together) or a
+      callable ``(path) -> name``. A module's :math:`M_g = v_g^\top H_{gg}
+      v_g` takes its whole diagonal block, cross terms between its leaves
+      included (one product per module); with ``block_diagonal=False`` the
+      leaves' values are added.
 
   Returns:
     A pytree shaped like ``params`` of scalars :math:`M_l` (float32, or
-    float64 for float64 leaves), ``None`` where ``param_filter`` excludes.
+    float64 for float64 leaves), ``None`` where ``param_filter`` excludes;
+    with ``group_by``, a dict from module name to :math:`M_g`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -343,11 +353,18 @@ def layer_hessian_measure(
   """
   block_diagonal = checks.check_bool(block_diagonal, "block_diagonal")
   execution = batching.as_execution(execution)
+  group_by = groups_lib.check_group_by(group_by)
   operator = operators.hessian_operator(
     loss_fn, params, data_plans.reusable(data), param_filter=param_filter
   )
   v = selection.restrict_like(operator.template, reference, params, "reference")
   v = jax.tree.map(lambda w, w0: w - w0, operator.template, v)
+  if group_by is not None:
+    names = groups_lib.group_names(operator.template, group_by)
+    if not block_diagonal:
+      forms = jax.tree.leaves(jax.tree.map(operators.leaf_vdot, v, operator.matvec(v)))
+      return groups_lib.sum_by_group(forms, names)
+    return _module_hessian_measure(operator, v, names, execution)
   if not block_diagonal:
     return jax.tree.map(operators.leaf_vdot, v, operator.matvec(v))
   leaves, treedef = jax.tree.flatten(v)
@@ -376,6 +393,34 @@ def layer_hessian_measure(
   )
 
 
+def _module_hessian_measure(
+  operator: operators.LinearOperator,
+  v: PyTree,
+  names: list[str],
+  execution: batching.Execution,
+) -> dict[str, jax.Array]:
+  """Per module ``g``, :math:`v_g^\top H_{gg} v_g`: one product per module."""
+  modules = groups_lib.distinct(names)
+  module_of_leaf = [modules.index(name) for name in names]
+  leaves, treedef = jax.tree.flatten(v)
+  dtype = checks.accumulation_dtype(jnp.result_type(*leaves))
+
+  def block(index: jax.Array) -> jax.Array:
+    masked = [
+      jnp.where(index == g, leaf, jnp.zeros_like(leaf))
+      for g, leaf in zip(module_of_leaf, leaves, strict=True)
+    ]
+    product = jax.tree.leaves(operator.matvec(jax.tree.unflatten(treedef, masked)))
+    forms = [
+      operators.leaf_vdot(a, b).astype(dtype)
+      for a, b in zip(masked, product, strict=True)
+    ]
+    return sum(forms[1:], forms[0])
+
+  values = batching.map_indices(block, len(modules), execution=execution)
+  return {name: values[g] for g, name in enumerate(modules)}
+
+
 def _layer_trace_sampler(
   operator: operators.LinearOperator, key: jax.Array
 ) -> Callable[[jax.Array], PyTree]:
@@ -400,6 +445,7 @@ def layer_traces(
   num_matvecs: int = 100,
   execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
+  group_by: groups_lib.GroupBy = None,
 ) -> PyTree:
   r"""The Hessian trace of every layer (leaf), by Hutchinson, with error bars.
 
@@ -421,10 +467,10 @@ def layer_traces(
   traces (``compute_hessians_trace`` in their code, after PyHessian), there
   with the ``1e-3`` early stop of :func:`~nso_jax.hessian.trace`.
 
-  To group leaves into one layer (a weight and its bias), add their values;
-  the standard error of a sum needs the per-probe samples, which
-  :func:`~nso_jax.hessian.trace` with a ``param_filter`` selecting the group
-  gives.
+  To report modules instead of leaves (a weight and its bias together), pass
+  ``group_by``: the per-probe samples of a module's leaves are added before
+  the mean and the standard error are taken, so a module's error bar
+  accounts for the correlation of its leaves' estimates.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
@@ -441,11 +487,15 @@ def layer_traces(
     param_filter: estimate only some leaves (see :func:`hessian_operator`);
       a leaf's block, and so its estimate's mean, does not depend on which
       others are selected.
+    group_by: ``None`` (per leaf), a positive int (leaves sharing that many
+      leading path keys form a module: ``1`` groups ``"Dense_0"``'s kernel
+      and bias) or a callable ``(path) -> name``.
 
   Returns:
     A pytree shaped like ``params`` whose leaves are
     :class:`~nso_jax.hessian.TraceEstimate` ``(value, stderr, num_matvecs)``
-    (``None`` where ``param_filter`` excludes).
+    (``None`` where ``param_filter`` excludes); with ``group_by``, a dict from
+    module name to its :class:`~nso_jax.hessian.TraceEstimate`.
 
   Example:
     >>> import jax
@@ -470,18 +520,21 @@ def layer_traces(
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
   num = checks.check_positive_int(num_matvecs, "num_matvecs")
+  group_by = groups_lib.check_group_by(group_by)
   operator = operators.hessian_operator(
     loss_fn, params, data_plans.reusable(data), param_filter=param_filter
   )
   per_leaf = _layer_trace_sampler(operator, checks.canonicalize_key(key))
   samples = batching.map_indices(per_leaf, num, execution=execution)
   count = jnp.asarray(num, jnp.int32)
-  return jax.tree.map(
-    lambda s: stochastic_trace.TraceEstimate(
-      *stochastic_trace.mean_and_stderr(s), count
-    ),
-    samples,
+  estimate = lambda s: stochastic_trace.TraceEstimate(
+    *stochastic_trace.mean_and_stderr(s), count
   )
+  if group_by is None:
+    return jax.tree.map(estimate, samples)
+  names = groups_lib.group_names(operator.template, group_by)
+  summed = groups_lib.sum_by_group(jax.tree.leaves(samples), names)
+  return {name: estimate(total) for name, total in summed.items()}
 
 
 def trace_bound_term(
