@@ -101,9 +101,20 @@ def test_train_writes_results_and_plots(tmp_path, capsys):
     assert len(density["grid"]) == len(density["density"]) == 400
     assert np.all(np.asarray(density["density"]) >= 0)
     assert len(row["curves"]["test_accuracy"][0]) == 1
-  for name in ("curves.png", "spectrum.png"):
+  for name in ("curves.png", "spectrum.png", "landscape.png"):
     _check_png(out / name)
-  assert sorted(os.listdir(out)) == ["curves.png", "results.json", "spectrum.png"]
+  assert sorted(os.listdir(out)) == [
+    "curves.png",
+    "landscape.png",
+    "results.json",
+    "spectrum.png",
+  ]
+  landscape = results["landscape_seed0"]
+  assert len(landscape["line"]["a"]) == len(landscape["line"]["nso"]) == 21
+  assert (
+    np.shape(landscape["plane"]["sgd"]) == (11, 11) and "sam" not in landscape["plane"]
+  )
+  assert np.all(np.isfinite(landscape["plane"]["nso"]))
 
 
 def test_train_on_user_data_with_chosen_optimizers(tmp_path):

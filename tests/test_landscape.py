@@ -206,7 +206,7 @@ def test_bad_filter_settings_are_refused_by_name():
     hessian.filter_normalized_direction(params, key=0, vector_leaves="keep")
   with pytest.raises(ValueError, match=r"`filter_axis`=2 is out of range .* \(3, 4\)"):
     hessian.filter_normalized_direction(params, key=0, filter_axis=2)
-  with pytest.raises(ValueError, match="`filter_axis` must be an int axis, got 0.5"):
+  with pytest.raises(ValueError, match=r"`filter_axis` must be an int axis, got 0\.5"):
     hessian.filter_normalized_direction(params, key=0, filter_axis=0.5)
 
 

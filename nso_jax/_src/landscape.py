@@ -18,6 +18,7 @@ over one batch or a whole data set, along any directions:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -127,10 +128,10 @@ def filter_normalized_direction(
   (``ignore='biasbn'`` in their code); ``vector_leaves="weights"`` takes
   :math:`d_l = W_l` there instead, their other option.
 
-  Leaf :math:`l`'s Gaussian is drawn from the :math:`l`-th of
-  ``jax.random.split(key, num_leaves)``, whether or not ``param_filter``
-  selects it: the same key gives the same direction on a leaf whatever the
-  selection.
+  The Gaussian is drawn from ``key`` as one vector of all the leaves'
+  entries, in ``jax.tree.leaves`` order (one random draw to compile, not one
+  per leaf), whether or not ``param_filter`` selects a leaf: the same key
+  gives the same direction on a leaf whatever the selection.
 
   Args:
     params: the parameters :math:`W`, any pytree of float arrays.
@@ -170,17 +171,31 @@ def filter_normalized_direction(
     selected, "params", "a direction is defined for floating-point leaves only"
   )
   paths_and_leaves = jax.tree_util.tree_leaves_with_path(params)
-  keys = jax.random.split(key, len(paths_and_leaves))
+  sizes = [math.prod(jnp.shape(w)) for _, w in paths_and_leaves]
+  gaussian = jax.random.normal(key, (sum(sizes),), _draw_dtype(params))
+  offsets = np.cumsum([0, *sizes])
   mask = jax.tree.leaves(selected, is_leaf=_is_none)
   leaves = []
-  for leaf_key, keep, (path, w) in zip(keys, mask, paths_and_leaves, strict=True):
+  for index, (keep, (path, w)) in enumerate(zip(mask, paths_and_leaves, strict=True)):
     if keep is None:
       leaves.append(jnp.zeros_like(w))
       continue
-    d = jax.random.normal(leaf_key, jnp.shape(w), jnp.result_type(w))
+    d = gaussian[offsets[index] : offsets[index + 1]].reshape(jnp.shape(w))
     where = jax.tree_util.keystr(path) or "(root)"
-    leaves.append(_filter_normalize(d, w, int(filter_axis), where, vector_leaves))
+    leaves.append(
+      _filter_normalize(d, jnp.asarray(w), int(filter_axis), where, vector_leaves)
+    )
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def _draw_dtype(params: PyTree) -> Any:
+  """The dtype the Gaussian is drawn in: that of all float leaves, >= float32."""
+  dtypes = [
+    checks.accumulation_dtype(jnp.result_type(w))
+    for w in jax.tree.leaves(params)
+    if jnp.issubdtype(jnp.result_type(w), jnp.floating)
+  ]
+  return functools.reduce(jnp.promote_types, dtypes, np.dtype(np.float32))
 
 
 def eigenvector_directions(

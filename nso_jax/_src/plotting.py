@@ -125,6 +125,7 @@ def _plot_contours(
 ) -> list[Any]:
   """One filled contour panel per landscape, on shared levels and axes."""
   from matplotlib import colors
+  from matplotlib import ticker
 
   if ax is None:
     _, ax = plt.subplots(
@@ -146,7 +147,10 @@ def _plot_contours(
     axis.set(xlabel="a (direction 1)", ylabel="b (direction 2)")
     if label is not None:
       axis.set_title(label)
-  axes[0].figure.colorbar(filled, ax=axes, label="loss")
+  ticks = levels[:: max(1, len(levels) // 8)]
+  bar = axes[0].figure.colorbar(filled, ax=axes, label="loss", ticks=ticks)
+  bar.ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+  bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
   return axes
 
 

@@ -4,7 +4,9 @@ Trains a Flax Linen MLP with plain SGD, SAM, random weight perturbation (RWP,
 one-sided noise) and NSO over several seeds (all seeds of one optimizer run
 together under ``jax.vmap``), then measures the loss Hessian of every trained
 model: its trace (Hutchinson, with a standard error), its top eigenvalue
-(Lanczos) and its spectral density (stochastic Lanczos quadrature).
+(Lanczos) and its spectral density (stochastic Lanczos quadrature), and draws
+the loss landscape of the first seed's SGD and NSO models along the same
+filter-normalised random directions.
 """
 
 from __future__ import annotations
@@ -142,14 +144,18 @@ def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any
   return run_interruptibly(lambda context: _run(config, context), printer)
 
 
+LANDSCAPE_PLANES = ("sgd", "nso")
+"""The optimizers whose seed-0 minimum gets a 2-D landscape too."""
+
+
 def _train_and_measure(
   config: Config, data: data_lib.Dataset, context: RunContext
-) -> list[OptimizerResult]:
-  """Every optimizer's row, trained and measured."""
+) -> tuple[list[OptimizerResult], measures.Landscapes]:
+  """Every optimizer's row, trained and measured, and seed 0's landscapes."""
   measure = measures.classifier_measure(
     data, config.hidden, config.hessian_samples, config.measure_plan()
   )
-  rows = []
+  rows, seed0 = [], {}
   with output.ProgressBars(config.progress) as progress:
     for name in config.optimizers:
       plan = optimizers.Plan(name, config, optimizers.LABELS[name])
@@ -163,7 +169,13 @@ def _train_and_measure(
         context.safe_point,
       )
       rows.append(summarise(name, trained, curvatures))
-  return rows
+      seed0[name] = trained.params(0)
+    advance = progress.task("Loss landscapes (seed 0)", 1)
+    landscapes = measures.classifier_landscapes(
+      data, config.hidden, config.hessian_samples, seed0, LANDSCAPE_PLANES
+    )
+    advance()
+  return rows, landscapes
 
 
 def _run(config: Config, context: RunContext) -> dict[str, Any]:
@@ -175,7 +187,7 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
     f"data: {data.name}: {len(data.x_train)} train / {len(data.x_test)} test "
     f"examples, {data.x_train.shape[1]} features, {data.num_classes} classes"
   )
-  rows = _train_and_measure(config, data, context)
+  rows, landscapes = _train_and_measure(config, data, context)
   context.safe_point()
   table = output.optimizer_table(rows)
   results: dict[str, Any] = {
@@ -190,6 +202,7 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
     },
     "environment": output.environment(),
     "results": [row.to_json() for row in rows],
+    "landscape_seed0": landscapes.to_json(),
     "table": table,
     "seconds": context.seconds(),
   }
@@ -197,6 +210,9 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
   if config.plots:
     writers["curves.png"] = lambda path: output.draw_training_curves(rows, path)
     writers["spectrum.png"] = lambda path: output.draw_spectrum(rows, path)
+    writers["landscape.png"] = lambda path: output.draw_landscape(
+      landscapes.lines, landscapes.planes, optimizers.LABELS, path
+    )
   writers["results.json"] = lambda path: output.write_json(results, path)
   paths = output.write_outputs(writers, config.output, written=context.written)
   if config.plots:

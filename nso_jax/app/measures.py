@@ -171,6 +171,12 @@ def make_measure(
   return measure
 
 
+def measured_batch(data: Dataset, samples: int) -> tuple[jax.Array, jax.Array]:
+  """The first ``samples`` training examples, with their training labels."""
+  size = min(samples, len(data.x_train))
+  return jnp.asarray(data.x_train[:size]), jnp.asarray(data.y_train[:size])
+
+
 def classifier_measure(
   data: Dataset, hidden: tuple[int, ...], samples: int, plan: MeasurePlan
 ) -> Callable[[Any, jax.Array, Any], Curvature]:
@@ -180,10 +186,104 @@ def classifier_measure(
   examples, with the labels the model was trained on (the paper measures on
   about 1000 samples).
   """
-  size = min(samples, len(data.x_train))
-  batch = (jnp.asarray(data.x_train[:size]), jnp.asarray(data.y_train[:size]))
   loss_fn = classifier.loss_function(tuple(hidden), data.num_classes)
-  return make_measure(loss_fn, batch, plan)
+  return make_measure(loss_fn, measured_batch(data, samples), plan)
+
+
+LANDSCAPE_SEED = 0
+"""The seed of the landscapes' directions, the same for every model."""
+LANDSCAPE_LINE_POINTS = 21
+"""Grid points of a 1-D landscape, from -1 to 1."""
+LANDSCAPE_PLANE_POINTS = 11
+"""Grid points along each axis of a 2-D landscape, from -1 to 1."""
+
+
+@functools.cache
+def compile_landscape(
+  loss_fn: LossFn,
+) -> Callable[[Any, Any, jax.Array], tuple[hessian.LossLandscape, ...]]:
+  """The jitted ``(params, batch, key) -> (line, plane)`` landscapes.
+
+  Two filter-normalised directions (biases not moved) from
+  ``jax.random.fold_in(key, i)``
+  (:func:`nso_jax.hessian.filter_normalized_direction`); the line runs
+  along the first, over :data:`LANDSCAPE_LINE_POINTS` points from -1 to 1,
+  the plane along both, over :data:`LANDSCAPE_PLANE_POINTS` squared. One
+  compiled function: the random draws and the loss compile once.
+  """
+
+  @jax.jit
+  def landscapes(params, batch, key):
+    first, second = (
+      hessian.filter_normalized_direction(params, jax.random.fold_in(key, i))
+      for i in range(2)
+    )
+    line = jnp.linspace(-1.0, 1.0, LANDSCAPE_LINE_POINTS)
+    plane = jnp.linspace(-1.0, 1.0, LANDSCAPE_PLANE_POINTS)
+    return (
+      hessian.loss_landscape(loss_fn, params, batch, first, line),
+      hessian.loss_landscape(loss_fn, params, batch, [first, second], (plane, plane)),
+    )
+
+  return landscapes
+
+
+class Landscapes(NamedTuple):
+  """Loss landscapes of trained models, along directions of one seed.
+
+  Attributes:
+    lines: model name -> its 1-D landscape.
+    planes: model name -> its 2-D landscape (for some of the models).
+  """
+
+  lines: dict[str, hessian.LossLandscape]
+  planes: dict[str, hessian.LossLandscape]
+
+  def to_json(self) -> dict[str, Any]:
+    """Coordinates and losses as lists, per model (directions left out)."""
+
+    def losses(landscapes: dict[str, hessian.LossLandscape]) -> dict[str, Any]:
+      return {name: np.asarray(x.losses).tolist() for name, x in landscapes.items()}
+
+    first = next(iter(self.lines.values()))
+    planes = list(self.planes.values())
+    return {
+      "directions": "filter-normalised Gaussian, biases not moved",
+      "seed": LANDSCAPE_SEED,
+      "line": {"a": np.asarray(first.coordinates[0]).tolist(), **losses(self.lines)},
+      "plane": {
+        "a": np.asarray(planes[0].coordinates[0]).tolist() if planes else [],
+        "b": np.asarray(planes[0].coordinates[1]).tolist() if planes else [],
+        **losses(self.planes),
+      },
+    }
+
+
+def classifier_landscapes(
+  data: Dataset,
+  hidden: tuple[int, ...],
+  samples: int,
+  models: dict[str, Any],
+  planes: tuple[str, ...],
+) -> Landscapes:
+  """The 1-D landscape of every model and the 2-D one of those in ``planes``.
+
+  On the batch :func:`classifier_measure` measures the Hessian on, along
+  filter-normalised directions of seed :data:`LANDSCAPE_SEED` (the same
+  Gaussian draws for every model, each normalised to the model's own
+  filters): 21 points from -1 to 1 along one direction, 11 x 11 on a plane.
+  The plane is evaluated for every model (121 losses cost less than
+  compiling anew) and kept for those of ``planes``.
+  """
+  loss_fn = classifier.loss_function(tuple(hidden), data.num_classes)
+  batch = measured_batch(data, samples)
+  key = jax.random.key(LANDSCAPE_SEED)
+  compiled = compile_landscape(loss_fn)
+  measured = {name: compiled(params, batch, key) for name, params in models.items()}
+  return Landscapes(
+    lines={name: line for name, (line, _) in measured.items()},
+    planes={name: plane for name, (_, plane) in measured.items() if name in planes},
+  )
 
 
 def _no_interruption() -> None:

@@ -396,6 +396,53 @@ def draw_spectrum(rows: Sequence[OptimizerResult], path: str) -> None:
   save(fig, path, dpi=120)
 
 
+def draw_landscape(
+  lines: Mapping[str, Any],
+  planes: Mapping[str, Any],
+  labels: Mapping[str, str],
+  path: str,
+) -> None:
+  """Seed 0's loss landscapes, as a PNG: 1-D slices, then 2-D contours.
+
+  The first panel holds every model's 1-D landscape (log loss); one contour
+  panel per model of ``planes`` follows, on shared levels. ``lines`` and
+  ``planes`` map optimizer names to :class:`nso_jax.hessian.LossLandscape`;
+  ``labels`` names them.
+  """
+  from nso_jax import hessian
+
+  plt = pyplot()
+  widths = [1.25] + [1.0] * len(planes)
+  fig, axes = plt.subplots(
+    1, len(widths), figsize=(5.2 + 4.4 * len(planes), 4.2), layout="constrained",
+    gridspec_kw={"width_ratios": widths}, squeeze=False,
+  )  # fmt: skip
+  ax_line, *ax_planes = axes[0]
+  hessian.plot_loss_landscape(
+    list(lines.values()), ax_line, labels=[labels[name] for name in lines],
+    log_scale=True, plot_kwargs={"marker": ".", "lw": 1.2},
+  )  # fmt: skip
+  ax_line.set(
+    xlabel="a: step along one filter-normalised direction",
+    ylabel="training loss (Hessian subset)",
+    title="1-D slices (seed 0)",
+  )
+  if planes:
+    hessian.plot_loss_landscape(
+      list(planes.values()), ax_planes, labels=[labels[name] for name in planes],
+      levels=16, log_scale=True,
+    )  # fmt: skip
+  fig.suptitle(
+    "Loss landscapes along the same random filter-normalised directions "
+    "(Li et al., 2018)",
+    fontsize=10,
+  )
+  try:  # the constrained layout makes room for the colour bar
+    fig.savefig(path, dpi=110, format="png")
+  finally:
+    plt.close(fig)
+
+
 def draw_bars(
   rows: Sequence[MethodResult],
   panels: Sequence[tuple[str, str]],
