@@ -27,7 +27,12 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  "sphinx.ext.viewcode",
   "matplotlib.sphinxext.plot_directive",
+  "sphinx_copybutton",
+  # MathJax 3 from the sphinx-mathjax-offline package, copied into _static/
+  # and loaded from there: math renders with no network access.
+  "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -76,4 +81,10 @@ html_theme_options = {
   "use_download_button": False,
   "use_fullscreen_button": False,
 }
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["nso_jax.css"]
+
+# sphinx-copybutton: copy a block without its prompts (>>>, ..., $) or output.
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
