@@ -4,6 +4,8 @@ Noise stability optimisation (Zhang, Li, Ju, TMLR 2024) trains towards flat
 minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 
 * :func:`noise_stability` and :func:`nso`: the Optax transformation;
+* :func:`accumulate`, :func:`check_chain`, :func:`get_sigma`,
+  :func:`set_sigma`: composing it with Optax;
 * :func:`noise_stability_gradient`: the estimator itself, one call;
 * :func:`noise_resolution`: how much of the noise half precision holds;
 * :func:`sample_noise`: the pytree noise sampler;
@@ -22,23 +24,33 @@ from nso_jax._src.noise import sample_noise
 from nso_jax._src.nonfinite import SkipNonfiniteState
 from nso_jax._src.nonfinite import skip_nonfinite
 from nso_jax._src.precision import noise_resolution
+from nso_jax._src.transform import AccumulationState
 from nso_jax._src.transform import NoiseStabilityState
+from nso_jax._src.transform import accumulate
+from nso_jax._src.transform import check_chain
+from nso_jax._src.transform import get_sigma
 from nso_jax._src.transform import noise_stability
 from nso_jax._src.transform import nso
+from nso_jax._src.transform import set_sigma
 
 __version__ = "0.1.0"
 
 __all__ = [
   "NOISE_DISTRIBUTIONS",
   "NOISE_NAMES",
+  "AccumulationState",
   "NoiseStabilityState",
   "SkipNonfiniteState",
+  "accumulate",
   "batching",
+  "check_chain",
+  "get_sigma",
   "hessian",
   "noise_resolution",
   "noise_stability",
   "noise_stability_gradient",
   "nso",
   "sample_noise",
+  "set_sigma",
   "skip_nonfinite",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from nso_jax._src import estimator
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import nonfinite
+from nso_jax._src import precision
 from nso_jax._src import selection
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -212,9 +214,12 @@ def noise_stability(
     per_shard_noise,
   )
   key = checks.canonicalize_key(key)
+  precision_checked = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
-    del params
+    if not precision_checked:  # once per transformation
+      precision_checked.append(True)
+      _warn_if_noise_rounds_away(settings, params, key)
     return NoiseStabilityState(
       count=jnp.zeros([], jnp.int32), key=key, value=jnp.zeros([], jnp.float32)
     )
@@ -248,6 +253,62 @@ def noise_stability(
     return grads, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# Below this share of the noise held (noise_resolution), init warns.
+MIN_NOISE_RESOLUTION = 0.5
+
+
+def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> None:
+  """Warns when half-precision parameters round most of the noise away.
+
+  With concrete parameters this is :func:`nso_jax.noise_resolution` of the
+  first update's noise; with traced ones (``init`` under ``jit``) only the
+  dtypes are known, and ``sigma`` is compared with the spacing of each
+  perturbed half-precision dtype near 1.0. A ``sigma`` known only at run time
+  is not checked; a schedule is checked at step 0.
+  """
+  sigma = settings.sigma
+  sigma = sigma(jnp.zeros([], jnp.int32)) if callable(sigma) else sigma
+  if checks.is_traced(sigma) or not float(sigma) > 0:
+    return
+  leaves = jax.tree.leaves(params)
+  mask = selection.selection_mask(params, settings.estimator.param_filter)
+  half = {
+    jnp.dtype(jnp.result_type(w))
+    for w, keep in zip(leaves, mask, strict=True)
+    if keep
+    and jnp.issubdtype(jnp.result_type(w), jnp.floating)
+    and jnp.dtype(jnp.result_type(w)).itemsize < 4
+  }
+  if not half:
+    return
+  names = ", ".join(sorted(d.name for d in half))
+  if any(checks.is_traced(w) for w in leaves):
+    spacing = max(float(jnp.finfo(d).eps) for d in half)
+    if float(sigma) >= spacing / 2:
+      return
+    what = f"below half the spacing of {names} numbers near 1.0 ({spacing:.3g})"
+  else:
+    share = float(
+      precision.noise_resolution(
+        params,
+        float(sigma),
+        jax.random.split(key)[0],
+        noise=settings.estimator.noise,
+        param_filter=settings.estimator.param_filter,
+      )
+    )
+    if share >= MIN_NOISE_RESOLUTION:
+      return
+    what = f"too small for the {names} parameters: {share:.0%} of the noise is held"
+  warnings.warn(
+    f"noise_stability: sigma={float(sigma):.3g} is {what}; W + U rounds back "
+    "to W and NSO drifts towards the plain gradient. Raise sigma, or keep "
+    "float32 master weights and cast them to half precision inside the loss "
+    "(see 'Mixed precision' in the NSO guide).",
+    stacklevel=3,
+  )
 
 
 def _needed(grad_fn: Any, params: Any) -> tuple[estimator.GradFn, Any]:
@@ -407,3 +468,196 @@ def nso(
   if checks.check_bool(skip_nonfinite, "skip_nonfinite"):
     optimizer = nonfinite.skip_nonfinite(optimizer)
   return optax.chain(tx, optimizer)
+
+
+class AccumulationState(NamedTuple):
+  """State of :func:`accumulate`.
+
+  Attributes:
+    mini_step: int32 number of micro-batches taken in the current step.
+    noise: the noise transformation's state, which advances (key, count) once
+      per accumulated step: every micro-batch of a step draws the same noise.
+    optimizer: the state of ``optax.MultiSteps(optimizer, n)``.
+  """
+
+  mini_step: jax.Array
+  noise: Any
+  optimizer: Any
+
+
+def accumulate(
+  noise: optax.GradientTransformation,
+  optimizer: optax.GradientTransformation,
+  num_micro_batches: int,
+) -> optax.GradientTransformationExtraArgs:
+  """Gradient accumulation for NSO: one step over ``n`` micro-batches.
+
+  ``optax.MultiSteps(nso(...), n)`` does not accumulate NSO gradients: it
+  sums the incoming gradients and calls NSO once, with the last micro-batch's
+  ``grad_fn`` (and fails on ``None`` gradients). This transformation computes
+  the NSO gradient of every micro-batch with its own ``grad_fn`` and averages
+  them in ``optax.MultiSteps(optimizer, n)``, which steps once every ``n``
+  updates (and returns zero updates in between). The noise transformation's
+  key and count advance once per accumulated step, so all ``n`` micro-batches
+  of a step are evaluated at the same perturbations: with equal-sized
+  micro-batches the step is the NSO step of the whole batch, up to rounding.
+
+  Args:
+    noise: :func:`noise_stability` (or it under ``optax.inject_hyperparams``).
+    optimizer: the base optimizer.
+    num_micro_batches: ``n``, the updates per optimizer step, an int >= 1.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` needs
+    ``grad_fn``; its state is an :class:`AccumulationState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> tx = nso_jax.accumulate(
+    ...     nso_jax.noise_stability(0.01, 2, key=0), optax.sgd(0.1), 4)
+    >>> params = jnp.ones(3)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(lambda w: jnp.sum(w**2))
+    >>> updates, state = tx.update(None, state, params, grad_fn=grad_fn)
+    >>> int(state.mini_step), int(state.noise.count)
+    (1, 0)
+  """
+  n = checks.check_positive_int(num_micro_batches, "num_micro_batches")
+  multi = optax.MultiSteps(optimizer, n).gradient_transformation()
+  noise = optax.with_extra_args_support(noise)
+
+  def init_fn(params: Any) -> AccumulationState:
+    return AccumulationState(
+      jnp.zeros([], jnp.int32), noise.init(params), multi.init(params)
+    )
+
+  def update_fn(
+    updates: Any, state: AccumulationState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, AccumulationState]:
+    grads, advanced = noise.update(updates, state.noise, params, **extra_args)
+    last = state.mini_step + 1 >= n
+    noise_state = jax.lax.cond(last, lambda: advanced, lambda: state.noise)
+    updates, multi_state = multi.update(grads, state.optimizer, params, **extra_args)
+    mini_step = jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32)
+    return updates, AccumulationState(mini_step, noise_state, multi_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
+  """Raises if ``tx`` composes :func:`noise_stability` in a way that misleads.
+
+  Compositions that run but compute something else, found from the structure
+  of ``tx.init(params)`` (evaluated abstractly, nothing is computed):
+
+  * ``optax.chain(optimizer, noise_stability(...))``, or anything before it
+    in a chain: ``noise_stability`` replaces the incoming gradient, so the
+    transformations before it are lost, and an optimizer before it makes the
+    update the raw gradient, an ascent step;
+  * ``optax.MultiSteps(nso(...), n)``: NSO runs once per step, with the last
+    micro-batch's ``grad_fn`` (use :func:`accumulate`);
+  * two ``noise_stability`` transformations.
+
+  A chain whose states are a dict (``optax.named_chain``) is not checked for
+  order.
+
+  Args:
+    tx: the whole optimizer.
+    params: the parameters, or a pytree of ``jax.ShapeDtypeStruct``.
+
+  Raises:
+    ValueError: on one of the compositions above, or when ``tx`` has no
+      :func:`noise_stability`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> nso_jax.check_chain(nso_jax.nso(optax.sgd(0.1), 0.01, key=0), jnp.ones(3))
+    >>> bad = optax.chain(optax.sgd(0.1), nso_jax.noise_stability(0.01, key=0))
+    >>> nso_jax.check_chain(bad, jnp.ones(3))
+    Traceback (most recent call last):
+    ...
+    ValueError: noise_stability must come first in the chain: ...
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    state = jax.eval_shape(tx.init, params)
+  is_nso = lambda x: isinstance(x, NoiseStabilityState)
+  paths = [
+    path
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_nso)[0]
+    if is_nso(leaf)
+  ]
+  if len(paths) != 1:
+    raise ValueError(
+      f"expected one noise_stability in the optimizer, found {len(paths)}: "
+      "it replaces the gradient, so a second one discards the first."
+    )
+  names = [getattr(k, "name", None) for k in paths[0]]
+  if "inner_opt_state" in names:
+    raise ValueError(
+      "noise_stability is inside optax.MultiSteps: NSO would run once per "
+      "step with the last micro-batch's grad_fn, and None gradients fail in "
+      "MultiSteps. Use nso_jax.accumulate(noise_stability(...), optimizer, n)."
+    )
+  if any(getattr(k, "idx", 0) != 0 for k in paths[0]):
+    raise ValueError(
+      "noise_stability must come first in the chain: it replaces the incoming "
+      "gradient by the NSO gradient, so what runs before it is discarded (an "
+      "optimizer before it turns the step into gradient ascent). Write "
+      "optax.chain(noise_stability(...), optimizer), or nso_jax.nso(...)."
+    )
+
+
+def get_sigma(state: Any) -> jax.Array:
+  """``sigma`` in a state of ``optax.inject_hyperparams(noise_stability, ...)``.
+
+  Args:
+    state: the optimizer state, the injected transformation anywhere in it.
+
+  Returns:
+    The current ``sigma``, a scalar array.
+
+  Raises:
+    ValueError: when the state holds no injected ``sigma``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> tx = optax.chain(
+    ...     optax.inject_hyperparams(
+    ...         nso_jax.noise_stability, static_args=("num_perturbations", "key")
+    ...     )(0.01, 2, key=0),
+    ...     optax.sgd(0.1),
+    ... )
+    >>> state = nso_jax.set_sigma(tx.init(jnp.ones(3)), 0.02)
+    >>> print(f"{float(nso_jax.get_sigma(state)):.3f}")
+    0.020
+  """
+  sigma = optax.tree_utils.tree_get(state, "sigma")
+  if sigma is None:
+    raise ValueError(
+      "the state holds no 'sigma': build the transformation with "
+      "optax.inject_hyperparams(nso_jax.noise_stability, "
+      'static_args=("num_perturbations", "key"))(sigma, k, key=key).'
+    )
+  return sigma
+
+
+def set_sigma(state: Any, sigma: Any) -> Any:
+  """The state with its injected ``sigma`` set (see :func:`get_sigma`).
+
+  The value keeps the dtype of the one it replaces, so a jitted step is not
+  traced again. An invalid value (negative, not finite) makes the next
+  update NaN.
+
+  Args:
+    state: the optimizer state, as for :func:`get_sigma`.
+    sigma: the new noise scale, a float or a scalar array (traced too).
+
+  Returns:
+    The new state.
+  """
+  old = get_sigma(state)
+  return optax.tree_utils.tree_set(state, sigma=jnp.asarray(sigma, old.dtype))
