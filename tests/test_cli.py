@@ -611,3 +611,65 @@ def test_library_internals_import_neither_the_app_nor_the_public_package():
     for module in _imported_modules(path):
       if _is_within(module, "nso_jax"):
         assert _is_within(module, "nso_jax._src"), f"{path} imports {module}"
+
+
+def test_version_prints_the_package_version(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out == f"nso-jax {nso_jax.__version__}\n"
+
+
+def _command_parsers():
+  """Every parser that takes settings: ``train`` and each experiment's."""
+  parser = cli.build_parser()
+  (commands,) = [a for a in parser._actions if a.dest == "command"]
+  found = {"train": commands.choices["train"]}
+  experiment = commands.choices["experiment"]
+  (names,) = [a for a in experiment._actions if a.dest == "experiment"]
+  found.update({f"experiment {n}": p for n, p in names.choices.items()})
+  return found
+
+
+def test_every_flag_states_its_help_and_a_readable_default():
+  for command, parser in _command_parsers().items():
+    for action in parser._actions:
+      if action.dest == "help":
+        continue
+      flag = action.option_strings[0]
+      assert action.help and len(action.help) > 10, (command, flag)
+      assert re.search(r"\(default: [^()]+\)$", action.help), (command, flag)
+  help_text = _command_parsers()["train"].format_help()
+  assert "(default: 128,128)" in help_text
+  assert not re.search(r"default: [(\[]", help_text)
+
+
+@pytest.mark.parametrize(
+  ("argv", "flag"),
+  [
+    (["train", "--bogus"], "--bogus"),
+    (["train", "--epochs=x"], "--epochs"),
+    (["train", "--optimizers=adam"], "--optimizers"),
+    (["train", "--hidden"], "--hidden"),
+    (["experiment", "finetune", "--sigma=x"], "--sigma"),
+  ],
+)
+def test_a_bad_flag_ends_with_one_line_naming_it(capsys, argv, flag):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err.count("\n") == 1, captured.err
+  assert captured.err.startswith("nso-jax: error: ")
+  assert flag in captured.err and "usage:" not in captured.err
+
+
+@pytest.mark.parametrize("hidden", ["128,,128", "128,", ",128", "128, ,64"])
+def test_an_empty_layer_width_is_refused(capsys, no_training, hidden):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", f"--hidden={hidden}"])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith("nso-jax: error: argument --hidden: empty layer width in ")
+  assert repr(hidden) in error

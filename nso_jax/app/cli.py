@@ -17,9 +17,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
+from typing import NoReturn
 
 import jax
 
+import nso_jax
 from nso_jax.app import experiments
 from nso_jax.app import job
 from nso_jax.app import settings
@@ -38,6 +40,18 @@ SIZE_FIELDS = (
   "num_perturbations",
 )
 """The settings an out-of-memory error suggests making smaller."""
+
+
+class Parser(argparse.ArgumentParser):
+  """An argument parser whose errors end the command with one line.
+
+  argparse's own error prints the whole usage block; here a bad flag or value
+  ends with one line that names it and says where the flags are listed, with
+  argparse's exit status 2. Subcommands' parsers are of this class too.
+  """
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"{PROGRAM}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -72,9 +86,15 @@ def _add_experiment_parser(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The parser of the ``nso-jax`` command line."""
-  parser = argparse.ArgumentParser(
+  parser = Parser(
     prog=PROGRAM,
     description="Noise Stability Optimization in JAX: experiments.",
+  )
+  parser.add_argument(
+    "--version",
+    action="version",
+    version=f"{PROGRAM} {nso_jax.__version__}",
+    help="print the version and exit",
   )
   commands = parser.add_subparsers(dest="command", required=True)
   _add_train_parser(commands)

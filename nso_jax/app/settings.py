@@ -102,10 +102,15 @@ def _parse_number(kind: type, text: str) -> Any:
     ) from None
 
 
-def _split(text: str) -> list[str]:
-  parts = [part.strip() for part in text.split(",") if part.strip()]
-  if not parts:
+def _split(text: str, noun: str = "value") -> list[str]:
+  """A comma-separated list's items; an empty one (``128,,128``) is refused."""
+  parts = [part.strip() for part in text.split(",")]
+  if not any(parts):
     raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+  if not all(parts):
+    raise argparse.ArgumentTypeError(
+      f"empty {noun} in {text!r}: give one {noun} between each pair of commas"
+    )
   return parts
 
 
@@ -191,7 +196,7 @@ class Widths:
       )
 
   def parse(self, text: str) -> tuple[int, ...]:
-    return tuple(_parse_number(int, part) for part in _split(text))
+    return tuple(_parse_number(int, part) for part in _split(text, "layer width"))
 
   def describe(self) -> str:
     return f"widths at most {self.max_width:,}, at most {self.max_depth} layers"
@@ -217,7 +222,7 @@ class Choices:
       )
 
   def parse(self, text: str) -> tuple[str, ...]:
-    names = tuple(_split(text))
+    names = tuple(_split(text, self.noun))
     unknown = [item for item in names if item not in self.choices]
     if unknown:
       raise argparse.ArgumentTypeError(
@@ -287,12 +292,17 @@ class Switch:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """A setting's rule, help text, and flag (default: ``--`` and its dashed name)."""
+  """A setting's rule, help text, and flag (default: ``--`` and its dashed name).
+
+  ``default`` is how the flag's help states the default when the value alone
+  would not say it (``None``, a switch); otherwise the help shows the value.
+  """
 
   rule: Rule
   help: str
   flag: str | None = None
   metavar: str | None = None
+  default: str | None = None
 
 
 _STEPS = "Lanczos keeps one parameter-sized vector per step"
@@ -350,10 +360,11 @@ SPECS: dict[str, Spec] = {
     Text("an .npz file (or be left out for the digits)", optional=True),
     "your own data: an .npz with X (n, d) and y (n,) labels",
     metavar="FILE.npz",
+    default="scikit-learn's digits",
   ),
   "output": Spec(Text("a folder"), "output folder", flag="--out"),
-  "plots": Spec(Switch(), "skip the PNG plots"),
-  "progress": Spec(Switch(), "no progress bars"),
+  "plots": Spec(Switch(), "skip the PNG plots", default="plots are written"),
+  "progress": Spec(Switch(), "no progress bars", default="progress bars are shown"),
 }
 """The specs of the settings several commands share, by field name.
 
@@ -435,7 +446,14 @@ def flags(settings_type: type[Settings]) -> dict[str, str]:
   return {field.name: str(spec_of(field).flag) for field in fields}
 
 
-def _shown(default: Any) -> str:
+def _shown(spec: Spec, default: Any) -> str:
+  """The default as the help states it: as typed on the command line."""
+  if spec.default is not None:
+    return spec.default
+  if isinstance(spec.rule, Switch):
+    return "on; this flag turns it off" if default else "off"
+  if default is None:
+    return "none"
   if isinstance(default, tuple):
     return ",".join(str(item) for item in default)
   return str(default)
@@ -446,21 +464,22 @@ def add_flags(parser: argparse.ArgumentParser, settings_type: type[Settings]) ->
   for field in dataclasses.fields(settings_type):
     spec = spec_of(field)
     flag = str(spec.flag)
+    shown = f" (default: {_shown(spec, field.default)})"
     if isinstance(spec.rule, Switch):
-      parser.add_argument(flag, dest=field.name, action="store_false", help=spec.help)
+      parser.add_argument(
+        flag, dest=field.name, action="store_false", help=spec.help + shown
+      )
       continue
     help_text = spec.help
     if spec.rule.describe():
       help_text += f"; {spec.rule.describe()}"
-    if field.default is not None:
-      help_text += f" (default: {_shown(field.default)})"
     parser.add_argument(
       flag,
       dest=field.name,
       type=spec.rule.parse,
       default=field.default,
       metavar=spec.metavar or flag.lstrip("-").replace("-", "_").upper(),
-      help=help_text,
+      help=help_text + shown,
     )
 
 
