@@ -45,11 +45,7 @@ def test_batching_settings_travel_as_one_execution_value(name):
 @pytest.mark.parametrize("name", sorted(PUBLIC))
 def test_public_functions_declare_their_parameters(name):
   kinds = {p.kind for p in inspect.signature(PUBLIC[name]).parameters.values()}
-  allowed_var_keyword = {
-    "nso_jax.training.nnx_grad_fn",  # forwards the loss function's keywords
-  }
-  if name not in allowed_var_keyword:
-    assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+  assert inspect.Parameter.VAR_KEYWORD not in kinds, name
 
 
 def code_lines(lines: list[str], node: ast.FunctionDef) -> int:

@@ -13,6 +13,7 @@ import contextlib
 import glob
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -494,3 +495,155 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
       return checkpointer.restore(path, abstract)
     except Exception as error:
       _raise_read_error(path, error)
+
+
+_STEP_FOLDER = re.compile(r"[0-9]+")
+_DELETING_SUFFIX = ".nso-deleting-"
+
+
+def _check_step(step: Any) -> int:
+  """``step`` as a non-negative Python int, or a clear error."""
+  if isinstance(step, (bool, np.bool_)):
+    raise TypeError(f"`step` must be a non-negative integer, got {step!r}.")
+  try:
+    value = operator.index(step)
+  except TypeError:
+    raise TypeError(
+      f"`step` must be a non-negative integer (e.g. int(state.step)), got {step!r}."
+    ) from None
+  if value < 0:
+    raise ValueError(f"`step` must be a non-negative integer, got {value}.")
+  return value
+
+
+class CheckpointManager:
+  """Numbered checkpoints in one folder: save by step, find the latest, keep N.
+
+  A thin layer over :func:`save_checkpoint` and :func:`restore_checkpoint`:
+  step ``n`` is the checkpoint folder ``<directory>/<n>`` (the layout Orbax's
+  own manager uses), so every save is atomic and every restore verified as
+  theirs are. A folder appears under its step's name only when complete, so
+  :meth:`latest_step` never finds a partial save. After each save, the
+  checkpoints of all but the ``max_to_keep`` highest steps are deleted (each
+  renamed aside first, so a deletion cut short leaves no damaged step).
+  Written by one process, as :func:`save_checkpoint`.
+
+  Args:
+    directory: the folder of the step folders; created by the first save.
+    max_to_keep: how many checkpoints to keep (the highest steps), at least
+      1; ``None`` keeps all.
+
+  Raises:
+    TypeError: if ``max_to_keep`` is not an int or ``None``.
+    ValueError: if ``max_to_keep`` is below 1.
+
+  Example:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import training
+    >>> workdir = tempfile.TemporaryDirectory()
+    >>> manager = training.CheckpointManager(workdir.name, max_to_keep=2)
+    >>> for step in (10, 20, 30):
+    ...   manager.save(step, {"w": jnp.full(2, float(step))})
+    >>> manager.all_steps(), manager.latest_step()
+    ([20, 30], 30)
+    >>> manager.restore({"w": jnp.zeros(2)})
+    {'w': Array([30., 30.], dtype=float32)}
+    >>> manager.restore({"w": jnp.zeros(2)}, step=20)
+    {'w': Array([20., 20.], dtype=float32)}
+    >>> workdir.cleanup()
+  """
+
+  def __init__(
+    self, directory: str | os.PathLike[str], *, max_to_keep: int | None = None
+  ):
+    if max_to_keep is not None:
+      if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int):
+        raise TypeError(
+          f"`max_to_keep` must be a positive int or None, got {max_to_keep!r}."
+        )
+      if max_to_keep < 1:
+        raise ValueError(
+          f"`max_to_keep` must be at least 1 (or None to keep all), got {max_to_keep}."
+        )
+    self._directory = os.path.abspath(directory)
+    self._max_to_keep = max_to_keep
+
+  @property
+  def directory(self) -> str:
+    """The absolute path of the folder holding the step folders."""
+    return self._directory
+
+  def step_directory(self, step: int) -> str:
+    """The checkpoint folder of ``step`` (which may not exist)."""
+    return os.path.join(self._directory, str(_check_step(step)))
+
+  def all_steps(self) -> list[int]:
+    """The steps saved, in increasing order (``[]`` for none)."""
+    if not os.path.isdir(self._directory):
+      return []
+    return sorted(
+      int(name)
+      for name in os.listdir(self._directory)
+      if _STEP_FOLDER.fullmatch(name)
+      and os.path.isdir(os.path.join(self._directory, name))
+    )
+
+  def latest_step(self) -> int | None:
+    """The highest step saved, or ``None`` if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, *, overwrite: bool = False) -> None:
+    """Saves ``state`` as step ``step``, then deletes the oldest beyond N.
+
+    Args:
+      step: a non-negative int (e.g. ``int(state.step)``).
+      state: any pytree of arrays, as for :func:`save_checkpoint`.
+      overwrite: replace an existing checkpoint of this step.
+
+    Raises:
+      FileExistsError: if step ``step`` exists and ``overwrite`` is False.
+      TypeError, ValueError: if ``step`` is not a non-negative int.
+    """
+    save_checkpoint(self.step_directory(step), state, overwrite=overwrite)
+    steps = self.all_steps()
+    if self._max_to_keep is not None:
+      for old in steps[: max(0, len(steps) - self._max_to_keep)]:
+        self._delete(old)
+
+  def _delete(self, step: int) -> None:
+    path = self.step_directory(step)
+    aside = f"{path}{_DELETING_SUFFIX}{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    _remove_tree(aside)
+
+  def restore(self, target: Any, step: int | None = None) -> Any:
+    """Restores step ``step`` (the latest if ``None``) into ``target``'s shape.
+
+    Args:
+      target: a pytree with the structure, shapes and dtypes to restore, as
+        for :func:`restore_checkpoint`.
+      step: the step to restore; ``None`` for the latest.
+
+    Returns:
+      A pytree like ``target`` holding the saved values bit for bit.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint (of ``step``).
+      ValueError: if the checkpoint is damaged or does not match ``target``.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(
+          f"`directory` {self._directory!r} holds no checkpoint of any step: "
+          "save one first (manager.save(step, state)), or check the path."
+        )
+    path = self.step_directory(step)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+        f"There is no checkpoint of step {step} in {self._directory!r}; the "
+        f"steps saved are {self.all_steps()}."
+      )
+    return restore_checkpoint(path, target)

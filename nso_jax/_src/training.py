@@ -16,17 +16,20 @@ Checkpoints: :mod:`nso_jax._src.checkpoints`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
 
 from nso_jax._src import checks
+from nso_jax._src import mesh
 
 # A Linen step's loss: (params, batch_stats) -> (scalar loss, aux dict).
 LossWithAuxFn = Callable[[Any, Any], tuple[jax.Array, dict[str, Any]]]
@@ -37,8 +40,10 @@ class TrainState(train_state.TrainState):
 
   Like :class:`flax.training.train_state.TrainState`, plus a ``batch_stats``
   field for models with BatchNorm (``None`` otherwise), and an
-  :meth:`apply_gradients` that passes ``grad_fn`` and any other extra
-  arguments on to the optimizer.
+  :meth:`apply_gradients` that passes ``grad_fn`` (and the keyword arguments
+  in ``update_args``) on to ``tx.update``. As in Flax, the other keyword
+  arguments of :meth:`apply_gradients` are fields of the state to replace
+  (e.g. ``batch_stats=...``); none of them reaches the optimizer.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -75,7 +80,8 @@ class TrainState(train_state.TrainState):
         it is not used and may be zeros).
       grad_fn: passed to ``tx.update`` as ``grad_fn`` when given.
       update_args: further keyword arguments for ``tx.update``.
-      **kwargs: fields to replace, as in Flax (e.g. ``batch_stats=...``).
+      **kwargs: fields of the state to replace, as in Flax (e.g.
+        ``batch_stats=...``); they are not passed to the optimizer.
 
     Returns:
       The new state, ``step`` incremented by one.
@@ -148,6 +154,7 @@ def train_step(
   loss_fn: LossWithAuxFn,
   *,
   clean_gradient: bool = True,
+  data_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step of a Linen model, with model state handled correctly.
 
@@ -173,15 +180,29 @@ def train_step(
       ``clean_weight > 0``). With ``False`` only a forward pass runs there, and
       the optimizer receives zeros: right for NSO with ``clean_weight=0``,
       which then costs exactly ``2k`` gradient evaluations.
+    data_axis: inside :func:`jax.shard_map` with the batch split over this
+      mesh axis (or tuple of axes): the loss, the metrics, the new
+      ``batch_stats`` (their floating-point arrays) and the clean gradient
+      are averaged over it, so that the new state and the metrics are the
+      same on every shard. ``loss_fn`` evaluates the shard's own batch (no
+      ``pmean`` in it); give the optimizer the same axis (``nso(...,
+      data_axis=...)``). ``None`` (the default): no mesh axis.
 
   Returns:
     ``(new_state, metrics)``, ``metrics`` being ``{"loss": loss, **aux}``
     without ``"batch_stats"``.
 
+  ``grad_fn`` also accepts and ignores a second positional argument, so
+  ``optax.contrib.sam(..., opaque_mode=True)``, which calls
+  ``grad_fn(params, i)``, runs its adversarial steps on the step's batch.
+  SAM's default (transparent) mode needs nothing: each call is one of its
+  steps, with the clean gradient (``clean_gradient=True``).
+
   Raises:
     TypeError: if ``state`` is not a :class:`TrainState`, or ``loss_fn`` does
       not return a pair ``(loss, aux)`` of a float loss and a dict.
-    ValueError: if the loss is not a scalar.
+    ValueError: if the loss is not a scalar, or ``data_axis`` is not an axis
+      of the enclosing ``shard_map``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -218,26 +239,59 @@ def train_step(
       "nso_jax.training.TrainState.create(apply_fn=..., params=..., tx=...)."
     )
   clean_gradient = checks.check_bool(clean_gradient, "clean_gradient")
+  axes = mesh.check_axis_name(data_axis, "data_axis")
   batch_stats = state.batch_stats
 
   def clean_loss(params):
     return _check_loss_output(loss_fn(params, batch_stats))
 
   if clean_gradient:
-    (loss, aux), grads = jax.value_and_grad(clean_loss, has_aux=True)(state.params)
+    local = _mark_varying(state.params, axes)
+    (loss, aux), grads = jax.value_and_grad(clean_loss, has_aux=True)(local)
+    grads = _mean_over(grads, axes)
   else:
     loss, aux = clean_loss(state.params)
     grads = jax.tree.map(jnp.zeros_like, state.params)
   aux = dict(aux)
-  new_batch_stats = aux.pop("batch_stats", batch_stats)
+  new_batch_stats = _mean_over(aux.pop("batch_stats", batch_stats), axes)
 
-  def grad_fn(params):
+  def grad_fn(params, *unused):
+    # optax.contrib.sam(opaque_mode=True) calls grad_fn(params, i); the batch
+    # is the one loss_fn closes over.
+    del unused
     return jax.grad(clean_loss, has_aux=True)(params)[0]
 
   state = state.apply_gradients(
     grads=grads, grad_fn=grad_fn, batch_stats=new_batch_stats
   )
-  return state, {"loss": loss, **aux}
+  return state, _mean_over({"loss": loss, **aux}, axes)
+
+
+def _mark_varying(tree: Any, axes: tuple[str, ...]) -> Any:
+  """``tree``'s arrays typed as varying over ``axes`` (unchanged for none).
+
+  Differentiated so, replicated parameters inside ``shard_map`` give the
+  shard's own gradient rather than the sum over the shards.
+  """
+  if not axes:
+    return tree
+  return jax.tree.map(lambda x: mesh.mark_varying(x, axes), tree)
+
+
+def _mean_over(tree: Any, axes: tuple[str, ...]) -> Any:
+  """The mean over the mesh ``axes`` of ``tree``'s floating-point arrays.
+
+  Other leaves (integer counters, PRNG keys) are returned as they are.
+  """
+  if not axes:
+    return tree
+
+  def mean(x: Any) -> Any:
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      return jax.lax.pmean(x, axes)
+    return x
+
+  return jax.tree.map(mean, tree)
 
 
 def _as_pure(tree: Any) -> Any:
@@ -246,33 +300,89 @@ def _as_pure(tree: Any) -> Any:
   return as_pure(tree)
 
 
+def _loss_kwargs(
+  loss_fn: Callable[..., Any], model: Any, args: tuple[Any, ...], loss_kwargs: Any
+) -> dict[str, Any]:
+  """``loss_kwargs`` as a dict, checked to be keywords ``loss_fn`` accepts."""
+  if loss_kwargs is None:
+    kwargs: dict[str, Any] = {}
+  elif isinstance(loss_kwargs, Mapping) and all(
+    isinstance(k, str) for k in loss_kwargs
+  ):
+    kwargs = dict(loss_kwargs)
+  else:
+    raise TypeError(
+      "`loss_kwargs` must be a dict of the keyword arguments of `loss_fn` (or "
+      f"None), got {_describe(loss_kwargs)}."
+    )
+  if not callable(loss_fn):
+    raise TypeError(f"`loss_fn` must be callable, got {_describe(loss_fn)}.")
+  try:
+    signature = inspect.signature(loss_fn)
+  except (TypeError, ValueError):  # a callable without a signature to check
+    return kwargs
+  try:
+    signature.bind(model, *args, **kwargs)
+  except TypeError as error:
+    raise TypeError(
+      f"`loss_fn` cannot be called as loss_fn(model, *args, **loss_kwargs) "
+      f"with {len(args)} argument(s) after the model and loss_kwargs="
+      f"{sorted(kwargs)}: {error}. Check the names in `loss_kwargs`."
+    ) from None
+  return kwargs
+
+
+def _loss_and_aux(output: Any, has_aux: bool) -> tuple[Any, Mapping[str, Any]]:
+  """``(loss, aux)`` from what an NNX loss returned (``aux`` is ``{}`` if none)."""
+  if has_aux:
+    return _check_loss_output(output)
+  loss, _ = _check_loss_output((output, {}))
+  return loss, {}
+
+
 def nnx_grad_fn(
   model: nnx.Module,
-  loss_fn: Callable[..., jax.Array],
+  loss_fn: Callable[..., Any],
   *args: Any,
   wrt: Any = nnx.Param,
-  **kwargs: Any,
-) -> Callable[[Any], Any]:
+  loss_kwargs: Mapping[str, Any] | None = None,
+  has_aux: bool = False,
+  return_value: bool = False,
+) -> Callable[..., Any]:
   """Builds ``grad_fn`` for ``nnx.Optimizer.update(model, grads, grad_fn=...)``.
 
   ``nnx.Optimizer`` calls ``tx.update`` with the pure arrays of the ``wrt``
   parameters; the returned function maps such arrays to the gradient of
-  ``loss_fn(model, *args, **kwargs)``, evaluated on a copy of ``model``
+  ``loss_fn(model, *args, **loss_kwargs)``, evaluated on a copy of ``model``
   rebuilt with those parameters. Changes the passes make to the copy (BatchNorm
   statistics, RNG counters) are discarded, so build ``grad_fn`` before the
   clean pass: every perturbed pass then uses the dropout masks of the clean
   pass, and only the clean pass updates the model's state.
+  :func:`nnx_train_step` does all of this.
 
   Args:
     model: the NNX module at its current state.
-    loss_fn: ``(model, *args, **kwargs) -> scalar loss``.
+    loss_fn: ``(model, *args, **loss_kwargs) -> loss``, or ``-> (loss, aux)``
+      with ``has_aux``.
     *args: positional arguments of ``loss_fn`` after the model (the batch).
     wrt: the filter of trainable variables, as given to ``nnx.Optimizer``.
-    **kwargs: keyword arguments of ``loss_fn``.
+    loss_kwargs: keyword arguments of ``loss_fn``. They are checked against
+      its signature when ``grad_fn`` is built: a name it does not take is an
+      error, never silently passed on.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+    return_value: ``grad_fn`` returns ``(loss, grads)``, as
+      :func:`jax.value_and_grad` does, instead of ``grads``. NSO reads which
+      from the output's structure and keeps the mean loss at the perturbed
+      weights in ``NoiseStabilityState.value``.
 
   Returns:
-    ``grad_fn(param_arrays) -> grads`` in the structure of
-    ``nnx.as_pure(nnx.state(model, wrt))``.
+    ``grad_fn(param_arrays) -> grads`` (or ``(loss, grads)``) in the structure
+    of ``nnx.as_pure(nnx.state(model, wrt))``. A second positional argument
+    (``optax.contrib.sam(opaque_mode=True)`` passes its step index) is ignored.
+
+  Raises:
+    TypeError: if ``loss_kwargs`` is not a dict of names, or ``loss_fn``
+      cannot take ``(model, *args, **loss_kwargs)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -285,21 +395,216 @@ def nnx_grad_fn(
     >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
     >>> @nnx.jit
     ... def step(model, optimizer, x, y):
-    ...   grad_fn = training.nnx_grad_fn(model, loss_fn, x, y)
+    ...   grad_fn = training.nnx_grad_fn(model, loss_fn, x, y, return_value=True)
     ...   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     ...   optimizer.update(model, grads, grad_fn=grad_fn)
     ...   return loss
     >>> loss = step(model, optimizer, jnp.ones((4, 3)), jnp.zeros((4, 1)))
-    >>> int(optimizer.step[...])
-    1
+    >>> int(optimizer.step[...]), optimizer.opt_state[0].value[...].shape
+    (1, ())
+    >>> try:
+    ...   training.nnx_grad_fn(model, loss_fn, 1.0, 2.0, loss_kwargs={"scale": 2})
+    ... except TypeError as error:
+    ...   print(error)
+    `loss_fn` cannot be called as loss_fn(model, *args, **loss_kwargs) with 2
+    argument(s) after the model and loss_kwargs=['scale']: got an unexpected
+    keyword argument 'scale'. Check the names in `loss_kwargs`.
   """
+  kwargs = _loss_kwargs(loss_fn, model, args, loss_kwargs)
+  has_aux = checks.check_bool(has_aux, "has_aux")
+  return_value = checks.check_bool(return_value, "return_value")
   graphdef, _, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   # A snapshot of the arrays: the split state refers to the model's variables,
   # which the clean pass then updates in place.
   rest = _as_pure(rest)
 
-  def loss_of_params(param_arrays):
+  def loss_of_params(param_arrays: Any) -> Any:
     copy = nnx.merge(graphdef, param_arrays, rest, copy=True)
-    return loss_fn(copy, *args, **kwargs)
+    return _loss_and_aux(loss_fn(copy, *args, **kwargs), has_aux)[0]
 
-  return jax.grad(loss_of_params)
+  grad = (
+    jax.value_and_grad(loss_of_params) if return_value else jax.grad(loss_of_params)
+  )
+
+  def grad_fn(param_arrays: Any, *unused: Any) -> Any:
+    del unused
+    return grad(param_arrays)
+
+  return grad_fn
+
+
+def nnx_train_step(
+  model: nnx.Module,
+  optimizer: nnx.Optimizer,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  loss_kwargs: Mapping[str, Any] | None = None,
+  has_aux: bool = False,
+  clean_gradient: bool = True,
+  data_axis: str | tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+  """One optimizer step of an NNX model, with model state handled correctly.
+
+  The NNX counterpart of :func:`train_step`; call it inside ``nnx.jit``. The
+  clean pass ``loss_fn(model, *args, **loss_kwargs)`` runs on ``model`` itself:
+  it updates BatchNorm's running statistics and draws the dropout masks from
+  the model's ``nnx.Rngs`` as NNX does, and gives the reported loss and
+  metrics and (if ``clean_gradient``) the gradient. The optimizer gets a
+  ``grad_fn`` built by :func:`nnx_grad_fn` before that pass: the perturbed
+  passes run on copies of the model as it was, so they use the clean pass's
+  batch and dropout masks, and their state updates are discarded.
+
+  Args:
+    model: the NNX module; updated in place.
+    optimizer: its ``nnx.Optimizer`` (its ``wrt`` filter selects the
+      parameters); updated in place.
+    loss_fn: ``(model, *args, **loss_kwargs) -> loss``, or ``-> (loss, aux)``
+      with ``has_aux``, ``aux`` a dict of metrics.
+    *args: positional arguments of ``loss_fn`` after the model (the batch).
+    loss_kwargs: keyword arguments of ``loss_fn``, checked against its
+      signature.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    clean_gradient: compute the gradient at the current parameters (needed
+      by any optimizer that reads it: SGD/Adam, SAM, NSO with
+      ``clean_weight > 0``). With ``False`` only a forward pass runs there and
+      the optimizer receives zeros: right for NSO with ``clean_weight=0``,
+      which then costs exactly ``2k`` gradient evaluations.
+    data_axis: inside :func:`jax.shard_map` with the batch split over this
+      mesh axis (or axes): the metrics, the model's floating-point state
+      other than the parameters (BatchNorm statistics) and the clean
+      gradient are averaged over it, as in :func:`train_step`.
+
+  Returns:
+    The metrics ``{"loss": loss, **aux}`` of the clean pass.
+
+  Raises:
+    TypeError: if ``optimizer`` is not an ``nnx.Optimizer``, ``loss_fn``
+      cannot take the arguments, or it does not return a float loss (and a
+      dict ``aux`` with ``has_aux``).
+    ValueError: if the loss is not a scalar, or ``data_axis`` is not an axis
+      of the enclosing ``shard_map``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.dense = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.norm = nnx.BatchNorm(8, rngs=rngs)
+    ...     self.dropout = nnx.Dropout(0.1, rngs=rngs)
+    ...     self.head = nnx.Linear(8, 1, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(self.dropout(nnx.relu(self.norm(self.dense(x)))))
+    >>> model = Net(nnx.Rngs(0, dropout=1))
+    >>> optimizer = nnx.Optimizer(
+    ...     model, nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0), wrt=nnx.Param)
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> @nnx.jit
+    ... def step(model, optimizer, x, y):
+    ...   return training.nnx_train_step(
+    ...       model, optimizer, loss_fn, x, y, clean_gradient=False)
+    >>> metrics = step(model, optimizer, jnp.ones((4, 3)), jnp.zeros((4, 1)))
+    >>> sorted(metrics), int(optimizer.step[...])
+    (['loss'], 1)
+  """
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      f"`optimizer` must be an nnx.Optimizer, got {_describe(optimizer)}. "
+      "Create it with nnx.Optimizer(model, tx, wrt=nnx.Param)."
+    )
+  kwargs = _loss_kwargs(loss_fn, model, args, loss_kwargs)
+  has_aux = checks.check_bool(has_aux, "has_aux")
+  clean_gradient = checks.check_bool(clean_gradient, "clean_gradient")
+  axes = mesh.check_axis_name(data_axis, "data_axis")
+  wrt = optimizer.wrt
+  grad_fn = nnx_grad_fn(
+    model, loss_fn, *args, wrt=wrt, loss_kwargs=kwargs, has_aux=has_aux
+  )
+
+  def clean_loss(m: nnx.Module) -> tuple[Any, Mapping[str, Any]]:
+    return _loss_and_aux(loss_fn(m, *args, **kwargs), has_aux)
+
+  if clean_gradient:
+    params = _as_pure(nnx.state(model, wrt))
+    nnx.update(model, _mark_varying(params, axes))
+    diff = nnx.DiffState(0, wrt)
+    (loss, aux), grads = nnx.value_and_grad(clean_loss, argnums=diff, has_aux=True)(
+      model
+    )
+    nnx.update(model, params)
+    grads = _mean_over(grads, axes)
+  else:
+    loss, aux = clean_loss(model)
+    grads = jax.tree.map(jnp.zeros_like, nnx.state(model, wrt))
+  optimizer.update(model, grads, grad_fn=grad_fn)
+  if axes:
+    model_state = nnx.state(model, nnx.Not(wrt))
+    nnx.update(model, _mean_over(_as_pure(model_state), axes))
+  return _mean_over({"loss": loss, **aux}, axes)
+
+
+def with_key(opt_state: Any, key: Any) -> Any:
+  """``opt_state`` with the key of its :func:`~nso_jax.noise_stability` replaced.
+
+  The key given when the transformation is built only seeds ``init``; the
+  compiled update reads the key from the state. A seed sweep can therefore
+  build the transformation and compile the step once, and start each run
+  from ``with_key(tx.init(params), seed)``: the same program, another key,
+  and the same trajectory as building the transformation with that key.
+
+  Args:
+    opt_state: any optimizer state holding one or more
+      ``NoiseStabilityState`` (an optax chain's, ``nso``'s, or a whole
+      :class:`TrainState`). Each one gets the same new key.
+    key: an int seed, a typed key (``jax.random.key``) or a raw
+      ``jax.random.PRNGKey``. An int seed makes a key of the implementation
+      the state's key has, so the compiled step is reused.
+
+  Returns:
+    ``opt_state`` with every ``NoiseStabilityState.key`` replaced.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no ``NoiseStabilityState``, or ``key``
+      holds more than one key (or is ``None``).
+    TypeError: if ``key`` is of no accepted kind.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> tx = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0)
+    >>> params = {"w": jnp.ones(3)}
+    >>> a = training.with_key(tx.init(params), 7)
+    >>> b = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=7).init(params)
+    >>> bool(jnp.all(jax.random.key_data(a[0].key) == jax.random.key_data(b[0].key)))
+    True
+  """
+  from nso_jax._src.transform import NoiseStabilityState
+
+  is_seed = isinstance(key, (int, np.integer)) and not isinstance(key, bool)
+  seed = int(key) if is_seed else None
+  key = checks.canonicalize_key(key)
+  found = []
+
+  def replace(node: Any) -> Any:
+    if not isinstance(node, NoiseStabilityState):
+      return node
+    found.append(node)
+    if seed is None:
+      return node._replace(key=key)
+    impl = jax.random.key_impl(node.key)
+    return node._replace(key=jax.random.key(seed, impl=impl))
+
+  def is_state(node: Any) -> bool:
+    return isinstance(node, NoiseStabilityState)
+
+  new_state = jax.tree.map(replace, opt_state, is_leaf=is_state)
+  if not found:
+    raise ValueError(
+      "`opt_state` holds no NoiseStabilityState, so it has no key to replace; "
+      f"got {_describe(opt_state)}. Pass the state of an optimizer built with "
+      "nso_jax.nso or nso_jax.noise_stability (e.g. tx.init(params))."
+    )
+  return new_state
