@@ -382,3 +382,74 @@ def test_orbax_logging_is_silenced_and_restored(copy, caplog, capfd):
   assert not [record for record in caplog.records if record.name == "absl"]
   assert capfd.readouterr().err == ""
   assert absl_logger.level == logging.INFO
+
+
+def _nso_problem():
+  """A tiny NSO run: (params, opt_state) and a jitted step."""
+  import nso_jax
+
+  x = jax.random.normal(jax.random.key(1), (16, 3))
+  y = jnp.sin(x.sum(axis=1))
+  tx = nso_jax.nso(optax.adam(1e-2), sigma=0.05, num_perturbations=2, key=4)
+  params = {"w": jnp.zeros(3), "b": jnp.zeros([])}
+
+  def loss(p):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  @jax.jit
+  def step(state):
+    grad_fn = jax.grad(loss)
+    updates, opt_state = tx.update(
+      None, state["opt_state"], state["params"], grad_fn=grad_fn
+    )
+    return {
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+    }
+
+  return {"params": params, "opt_state": tx.init(params)}, step
+
+
+def test_manager_keeps_the_last_n_and_resumes_from_the_latest(tmp_path):
+  start, step = _nso_problem()
+  straight = start
+  for _ in range(5):
+    straight = step(straight)
+  manager = training.CheckpointManager(tmp_path / "run", max_to_keep=2)
+  assert manager.all_steps() == [] and manager.latest_step() is None
+  state = start
+  for n in range(1, 4):
+    state = step(state)
+    manager.save(n, state)
+  # Keep-2 deleted step 1; only the step folders are left.
+  assert manager.all_steps() == [2, 3] and manager.latest_step() == 3
+  assert sorted(os.listdir(tmp_path / "run")) == ["2", "3"]
+  # A fresh process would start from the latest step, into a fresh target.
+  resumed = training.CheckpointManager(tmp_path / "run").restore(start)
+  for _ in range(2):
+    resumed = step(resumed)
+  _assert_bitwise_equal(resumed, straight)
+  _assert_bitwise_equal(manager.restore(start, step=2), step(step(start)))
+
+
+def test_manager_refuses_bad_input(tmp_path):
+  with pytest.raises(ValueError, match="`max_to_keep` must be at least 1"):
+    training.CheckpointManager(tmp_path, max_to_keep=0)
+  with pytest.raises(TypeError, match="`max_to_keep` must be a positive int"):
+    training.CheckpointManager(tmp_path, max_to_keep=2.0)
+  manager = training.CheckpointManager(tmp_path / "run")
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint of any step"):
+    manager.restore({"w": jnp.zeros(2)})
+  with pytest.raises(ValueError, match="`step` must be a non-negative integer"):
+    manager.save(-1, {"w": jnp.zeros(2)})
+  with pytest.raises(TypeError, match="`step` must be a non-negative integer"):
+    manager.save(1.5, {"w": jnp.zeros(2)})
+  manager.save(jnp.int32(4), {"w": jnp.zeros(2)})
+  with pytest.raises(FileExistsError):
+    manager.save(4, {"w": jnp.ones(2)})
+  manager.save(4, {"w": jnp.ones(2)}, overwrite=True)
+  with pytest.raises(FileNotFoundError, match=r"steps saved are \[4\]"):
+    manager.restore({"w": jnp.zeros(2)}, step=3)
+  # A save cut short leaves a temporary folder, never a step.
+  os.makedirs(tmp_path / "run" / "5.nso-saving-0a1b2c3d")
+  assert manager.all_steps() == [4]
