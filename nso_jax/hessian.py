@@ -16,7 +16,10 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
   :func:`fisher_trace`, :func:`ggn_trace`;
 
 :func:`plot_spectral_density` to draw a density (evaluated on a
-:class:`DensityGrid`); and the NSO paper's own
+:class:`DensityGrid`); loss landscapes, the loss on a line or a plane
+through the parameters (:func:`loss_landscape` along
+:func:`filter_normalized_direction` or :func:`eigenvector_directions`,
+drawn by :func:`plot_loss_landscape`); and the NSO paper's own
 flatness measures, also one call on a loss: :func:`noise_stability_measure`,
 :func:`layer_hessian_measure`, :func:`direction_curvature`,
 :func:`layer_traces` and :func:`trace_bound_term` (the trace term of its
