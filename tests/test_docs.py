@@ -106,3 +106,77 @@ def test_guide_examples(page):
   )
   assert attempted > 0
   assert failures == 0, f"{failures} of {attempted} examples in docs/{page} failed"
+
+
+def _pages(html_build: pathlib.Path) -> list[pathlib.Path]:
+  skip = {"_static", "_modules", "_sources", "_images"}
+  return [
+    page
+    for page in html_build.rglob("*.html")
+    if not skip & set(page.relative_to(html_build).parts)
+  ]
+
+
+def test_math_renders_offline_from_a_bundled_mathjax(html_build):
+  with_math = [page for page in _pages(html_build) if 'class="math' in page.read_text()]
+  assert len(with_math) >= 3
+  for page in with_math:
+    scripts = re.findall(r'<script[^>]*src="([^"]*)"', page.read_text("utf-8"))
+    mathjax = [src for src in scripts if "mathjax" in src.lower()]
+    assert mathjax, f"{page.name} has math but loads no MathJax"
+    for src in mathjax:
+      assert "://" not in src and not src.startswith("//"), f"{page.name}: {src}"
+      assert (page.parent / src.split("?")[0]).is_file(), f"{page.name}: {src}"
+
+
+def _sidebar_titles(page: pathlib.Path) -> list[str]:
+  text = page.read_text("utf-8")
+  nav = re.search(r'<nav class="[^"]*\bbd-docs-nav\b[^"]*"(.*?)</nav>', text, re.DOTALL)
+  assert nav, f"no sidebar in {page.name}"
+  links = re.findall(r'<a class="[^"]*reference internal"[^>]*>(.*?)</a>', nav.group(1))
+  return [html.unescape(re.sub(r"<[^>]+>", "", link)).strip() for link in links]
+
+
+def test_sidebar_titles_are_unique(html_build):
+  # experiments.html shows its own entries (the result pages) unfolded.
+  for page in ("index.html", "experiments.html"):
+    titles = _sidebar_titles(html_build / page)
+    assert len(titles) >= 10, titles
+    repeated = sorted({title for title in titles if titles.count(title) > 1})
+    assert not repeated, f"sidebar titles shown twice in {page}: {repeated}"
+
+
+def test_code_blocks_have_copy_buttons_and_api_pages_link_to_source(html_build):
+  assert (html_build / "_static" / "copybutton.js").is_file()
+  assert "copybutton.js" in (html_build / "getting_started.html").read_text("utf-8")
+  api = "".join(page.read_text("utf-8") for page in (html_build / "api").glob("*.html"))
+  assert 'class="viewcode-link"' in api
+  assert list((html_build / "_modules" / "nso_jax").rglob("*.html"))
+
+
+def test_wide_tables_scroll_sideways(html_build):
+  css = (html_build / "_static" / "nso_jax.css").read_text("utf-8")
+  assert ".pst-scrollable-table-container" in css and "overflow-x: auto" in css
+  assert "_static/nso_jax.css" in (html_build / "experiments.html").read_text("utf-8")
+
+
+_PNG_REFERENCE = re.compile(
+  r"(?:\{(?:image|figure)\}\s+|!\[[^\]]*\]\()([^)\s]+\.png)", re.IGNORECASE
+)
+
+
+def test_every_committed_plot_is_shown_on_a_page():
+  shown = set()
+  for page in DOCS.rglob("*.md"):
+    if "_build" in page.relative_to(DOCS).parts:
+      continue
+    for target in _PNG_REFERENCE.findall(page.read_text("utf-8")):
+      shown.add((page.parent / target).resolve())
+  plots = [
+    path
+    for path in DOCS.rglob("*.png")
+    if not {"_build", "_static"} & set(path.relative_to(DOCS).parts)
+  ]
+  assert plots
+  unshown = sorted(str(p.relative_to(DOCS)) for p in plots if p.resolve() not in shown)
+  assert not unshown, f"plots under docs/ shown on no page: {unshown}"
