@@ -126,11 +126,12 @@ def noise_stability(
   silently different one. Non-finite gradients are passed on (the key and
   count still advance): to skip such steps, wrap the optimizer that follows
   in :func:`nso_jax.skip_nonfinite`, or pass ``skip_nonfinite=True`` to
-  :func:`nso_jax.nso`. For gradient accumulation put
-  ``optax.MultiSteps(opt, n).gradient_transformation()`` after this
-  transformation, so that each micro-batch's NSO gradient is accumulated.
-  For half-precision parameters, :func:`nso_jax.noise_resolution` tells how
-  much of the noise their dtype can hold.
+  :func:`nso_jax.nso`. For gradient accumulation use
+  :func:`nso_jax.accumulate` (not ``optax.MultiSteps`` around this
+  transformation); :func:`nso_jax.check_chain` finds the compositions that
+  run but compute something else. For half-precision parameters,
+  :func:`nso_jax.noise_resolution` tells how much of the noise their dtype
+  can hold, and ``init`` warns (once) when most of it rounds away.
 
   Args:
     sigma: the noise standard deviation, a float >= 0 or a schedule mapping
@@ -214,7 +215,7 @@ def noise_stability(
     per_shard_noise,
   )
   key = checks.canonicalize_key(key)
-  precision_checked = []
+  precision_checked: list[bool] = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
     if not precision_checked:  # once per transformation
