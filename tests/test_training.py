@@ -410,3 +410,71 @@ def test_nnx_checkpoint_resume(tmp_path):
   resumed = _run_nnx(model_b, optimizer_b, 3)
   np.testing.assert_array_equal(resumed, straight[2:])
   chex.assert_trees_all_equal(nnx.state(model_b), nnx.state(model))
+
+
+def _sam_problem():
+  model = nn.Dense(1)
+  x = jax.random.normal(jax.random.key(2), (8, 3))
+  y = jnp.sin(x.sum(axis=1))
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss(p):
+    return jnp.mean((model.apply({"params": p}, x)[:, 0] - y) ** 2)
+
+  return model, params, loss
+
+
+@pytest.mark.parametrize("opaque_mode", [False, True])
+def test_train_step_runs_optax_sam(opaque_mode):
+  model, params, loss = _sam_problem()
+  adversary = optax.chain(optax.contrib.normalize(), optax.sgd(0.05))
+  tx = optax.contrib.sam(optax.sgd(0.1), adversary, opaque_mode=opaque_mode)
+  state = training.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  step = jax.jit(lambda s: training.train_step(s, lambda p, _: (loss(p), {})))
+  # By hand, as optax documents SAM: opaque mode calls grad_fn(params, i).
+  hand_params, opt_state = params, tx.init(params)
+  for _ in range(4):
+    state, _ = step(state)
+    grad_fn = lambda p, _: jax.grad(loss)(p)
+    updates, opt_state = tx.update(
+      jax.grad(loss)(hand_params), opt_state, hand_params, grad_fn=grad_fn
+    )
+    hand_params = optax.apply_updates(hand_params, updates)
+  chex.assert_trees_all_close(state.params, hand_params, rtol=1e-6)
+  assert float(loss(state.params)) < float(loss(params))
+
+
+def _sweep_problem(key):
+  x, y = _data()
+  state = _linen_state(_nso(key=key))
+  return state, x, y
+
+
+def test_with_key_sweeps_seeds_on_one_compiled_step():
+  base, x, y = _sweep_problem(0)
+
+  def two_steps(state):
+    for _ in range(2):
+      loss_fn = _linen_loss_fn(state.apply_fn, x, y, jax.random.key(1))
+      state, _ = training.train_step(state, loss_fn, clean_gradient=False)
+    return state
+
+  run = jax.jit(two_steps)
+  for seed in (3, 4):
+    swept = run(training.with_key(base, seed))
+    built, _, _ = _sweep_problem(seed)  # the transformation built with the seed
+    reference = jax.jit(lambda s: two_steps(s))(built)
+    chex.assert_trees_all_equal(swept.params, reference.params)
+    chex.assert_trees_all_equal(
+      jax.random.key_data(swept.opt_state[0].key),
+      jax.random.key_data(reference.opt_state[0].key),
+    )
+  assert run._cache_size() == 1  # every seed ran the one compiled program
+  typed = training.with_key(base.opt_state, jax.random.key(3))
+  chex.assert_trees_all_equal(
+    jax.random.key_data(typed[0].key), jax.random.key_data(jax.random.key(3))
+  )
+  with pytest.raises(ValueError, match="holds no NoiseStabilityState"):
+    training.with_key(optax.sgd(0.1).init(base.params), 3)
+  with pytest.raises(ValueError, match="`key` is required"):
+    training.with_key(base.opt_state, None)
