@@ -154,7 +154,8 @@ def resolve_hvp_mode(
 ) -> str:
   """``"forward"`` or ``"reverse"``: ``mode``, with ``"auto"`` decided once.
 
-  ``"auto"`` traces the loss abstractly (nothing is computed) and keeps
+  ``loss_fn`` may be any function of ``(params, batch)`` (a model too).
+  ``"auto"`` traces it abstractly (nothing is computed) and keeps
   forward over reverse unless the loss calls a ``jax.custom_vjp`` function,
   which has no forward-mode rule.
   """
@@ -439,11 +440,8 @@ def ggn_operator(
       f"scalar, got {losses}."
     )
 
-  checks.check_choice(mode, HVP_MODES, "mode")
-  model_mode = mode
-  if mode == "auto":
-    lacks = _lacks_forward_rule(restricted_model, selected, first)
-    model_mode = "reverse" if lacks else "forward"
+  # "auto" decides for the model and the per-example loss separately.
+  model_mode = resolve_hvp_mode(mode, restricted_model, selected, first, None)
   loss_mode = resolve_hvp_mode(mode, output_loss, outputs, first, outputs)
 
   def per_batch(batch: PyTree, v: PyTree) -> PyTree:
