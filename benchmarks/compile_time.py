@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from typing import Any
 
 import jax
@@ -83,7 +84,8 @@ def main() -> None:
   args = parser.parse_args()
   payload = measure(args.size)
   path = _common.write_result(f"compile_time_{_common.backend_tag()}", payload)
-  path.with_suffix(".md").write_text(markdown(payload))
+  written = json.loads(path.read_text())  # with the machine's description
+  path.with_suffix(".md").write_text(markdown(written))
   print(path)
 
 
