@@ -144,7 +144,8 @@ def _mean_over_batches(
   """The weighted mean of ``per_batch(batch, batch_number)`` over the data."""
   if not plan.groups:
     return per_batch(plan.single_batch, jnp.int32(0))
-  total, offset = None, 0
+  shape = jax.eval_shape(per_batch, plan.first_batch(), jnp.int32(0))
+  total, offset = jnp.zeros(shape.shape, shape.dtype), 0
   for group in plan.groups:
     count = group.weights.shape[0]
     numbers = offset + jnp.arange(count, dtype=jnp.int32)
@@ -155,10 +156,7 @@ def _mean_over_batches(
       value = per_batch(batch, number)
       return acc + weight.astype(value.dtype) * value, None
 
-    shape = jax.eval_shape(per_batch, plan.first_batch(), jnp.int32(0))
-    zero = jnp.zeros(shape.shape, shape.dtype)
-    partial, _ = jax.lax.scan(step, zero, (group.stacked, group.weights, numbers))
-    total = partial if total is None else total + partial
+    total, _ = jax.lax.scan(step, total, (group.stacked, group.weights, numbers))
   return total / jnp.asarray(plan.total_weight).astype(total.dtype)
 
 
