@@ -528,13 +528,15 @@ def nnx_train_step(
 
   if clean_gradient:
     params = _as_pure(nnx.state(model, wrt))
-    nnx.update(model, _mark_varying(params, axes))
+    if axes:  # differentiate the shard's loss alone, then average
+      nnx.update(model, _mark_varying(params, axes))
     diff = nnx.DiffState(0, wrt)
     (loss, aux), grads = nnx.value_and_grad(clean_loss, argnums=diff, has_aux=True)(
       model
     )
-    nnx.update(model, params)
-    grads = _mean_over(grads, axes)
+    if axes:
+      nnx.update(model, params)
+      grads = _mean_over(grads, axes)
   else:
     loss, aux = clean_loss(model)
     grads = jax.tree.map(jnp.zeros_like, nnx.state(model, wrt))
@@ -557,7 +559,10 @@ def with_key(opt_state: Any, key: Any) -> Any:
   Args:
     opt_state: any optimizer state holding one or more
       ``NoiseStabilityState`` (an optax chain's, ``nso``'s, or a whole
-      :class:`TrainState`). Each one gets the same new key.
+      :class:`TrainState`). Each one gets the same new key. For an
+      ``nnx.Optimizer``, pass ``nnx.as_pure(optimizer.opt_state)`` and put
+      the result back with ``nnx.update(optimizer.opt_state,
+      nnx.state(new_state))``.
     key: an int seed, a typed key (``jax.random.key``) or a raw
       ``jax.random.PRNGKey``. An int seed makes a key of the implementation
       the state's key has, so the compiled step is reused.
