@@ -144,3 +144,30 @@ def test_nnx_grad_fn_returns_the_loss_and_nso_keeps_it():
 
   step(model, optimizer)
   assert float(optimizer.opt_state[0].value[...]) > 0.0
+
+
+@pytest.mark.parametrize("opaque_mode", [False, True])
+def test_nnx_train_step_runs_optax_sam(opaque_mode):
+  x, y = _data()
+  targets = jax.nn.one_hot(y, 3)
+  model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+  adversary = optax.chain(optax.contrib.normalize(), optax.sgd(0.05))
+  tx = optax.contrib.sam(optax.sgd(0.1), adversary, opaque_mode=opaque_mode)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  loss_fn = lambda m: jnp.mean((m(x) - targets) ** 2)
+  # By hand, as optax documents SAM: opaque mode calls grad_fn(params, i).
+  graphdef, params = nnx.split(model)
+  params = nnx.as_pure(params)
+  pure_loss = lambda p: loss_fn(nnx.merge(graphdef, p))
+  opt_state = tx.init(params)
+  step = nnx.jit(lambda m, o: training.nnx_train_step(m, o, loss_fn))
+  for _ in range(4):
+    step(model, optimizer)
+    grad_fn = lambda p, _: jax.grad(pure_loss)(p)
+    updates, opt_state = tx.update(
+      jax.grad(pure_loss)(params), opt_state, params, grad_fn=grad_fn
+    )
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(
+    nnx.as_pure(nnx.state(model, nnx.Param)), params, rtol=1e-6, atol=1e-7
+  )
