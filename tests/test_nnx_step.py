@@ -123,6 +123,10 @@ def test_nnx_options_are_checked_not_forwarded():
     training.nnx_grad_fn(model, _loss, x, y, loss_kwargs=[2.0])
   with pytest.raises(TypeError, match="`optimizer` must be an nnx"):
     training.nnx_train_step(model, optax.sgd(0.1), _loss, x, y)
+  with pytest.raises(TypeError, match="pass has_aux=True"):
+    training.nnx_grad_fn(model, lambda m: (_loss(m, x, y), {}))(
+      nnx.as_pure(nnx.state(model, nnx.Param))
+    )
   with pytest.raises(ValueError, match="has_aux"):
     training.nnx_train_step(model, optimizer, _loss, x, y, has_aux="yes")
 

@@ -336,6 +336,11 @@ def _loss_and_aux(output: Any, has_aux: bool) -> tuple[Any, Mapping[str, Any]]:
   """``(loss, aux)`` from what an NNX loss returned (``aux`` is ``{}`` if none)."""
   if has_aux:
     return _check_loss_output(output)
+  if isinstance(output, (tuple, list)):
+    raise TypeError(
+      f"`loss_fn` returned {_describe(output)}, not a scalar loss: pass "
+      "has_aux=True for a loss that returns (loss, aux)."
+    )
   loss, _ = _check_loss_output((output, {}))
   return loss, {}
 
