@@ -161,3 +161,42 @@ def make_model(name: str, size: str) -> tuple[Params, LossFn, Batch, dict[str, i
   settings = SIZES[size][name]
   params, loss_fn, batch = MAKERS[name](**settings)
   return params, loss_fn, batch, settings
+
+
+def make_digits_cnn(batch: int = 512, seed: int = 0) -> tuple[Params, LossFn, Batch]:
+  """A 37,754-parameter CNN on scikit-learn's 8x8 digits (the first ``batch``).
+
+  conv 3x3 1->16 (160 parameters), ReLU; conv 3x3 16->32 (4,640), ReLU; both
+  ``SAME`` with stride 1, so the 8x8 map is kept; flatten (2,048); dense
+  2048->16 (32,784), ReLU; dense 16->10 (170); mean cross-entropy. Pixels are
+  scaled to [0, 1]. Needs scikit-learn (its digits ship with the package).
+  """
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  x = jnp.asarray(digits.images[:batch, :, :, None] / 16.0, jnp.float32)
+  y = jnp.asarray(digits.target[:batch], jnp.int32)
+  keys = jax.random.split(jax.random.key(seed), 4)
+  params: Params = {
+    "conv0": {
+      "w": jax.random.normal(keys[0], (3, 3, 1, 16)) / 3.0,
+      "b": jnp.zeros(16),
+    },
+    "conv1": {
+      "w": jax.random.normal(keys[1], (3, 3, 16, 32)) / 12.0,
+      "b": jnp.zeros(32),
+    },
+    "dense0": _dense_init(keys[2], 8 * 8 * 32, 16),
+    "dense1": _dense_init(keys[3], 16, 10),
+  }
+
+  def loss_fn(params: Params, batch: Batch) -> jax.Array:
+    h, labels = batch
+    for name in ("conv0", "conv1"):
+      h = jax.nn.relu(_conv(h, params[name]["w"], 1) + params[name]["b"])
+    h = h.reshape(h.shape[0], -1)
+    h = jax.nn.relu(h @ params["dense0"]["w"] + params["dense0"]["b"])
+    logits = h @ params["dense1"]["w"] + params["dense1"]["b"]
+    return _cross_entropy(logits, labels)
+
+  return params, loss_fn, (x, y)

@@ -7,7 +7,8 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
   (a :class:`LinearOperator` over one batch, a list of batches or
   :class:`StackedBatches`, optionally restricted by ``param_filter``);
 * estimators on any symmetric operator: :func:`hutchinson`, :func:`hutch_pp`,
-  :func:`xtrace`, :func:`lanczos_eigenvalues`, :func:`lanczos_tridiag`,
+  :func:`xtrace`, :func:`lanczos_eigenvalues`, :func:`lanczos_ritz` (with
+  residual bounds), :func:`lanczos_tridiag`,
   :func:`power_iteration` and :func:`stochastic_lanczos_quadrature`;
 * one call on a loss: :func:`trace`, :func:`top_eigenvalues`,
   :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`,
@@ -55,9 +56,11 @@ from nso_jax._src.landscape import filter_normalized_direction
 from nso_jax._src.landscape import loss_landscape
 from nso_jax._src.lanczos import DensityGrid
 from nso_jax._src.lanczos import PowerIterationResult
+from nso_jax._src.lanczos import RitzValues
 from nso_jax._src.lanczos import SpectralDensity
 from nso_jax._src.lanczos import Tridiagonal
 from nso_jax._src.lanczos import lanczos_eigenvalues
+from nso_jax._src.lanczos import lanczos_ritz
 from nso_jax._src.lanczos import lanczos_tridiag
 from nso_jax._src.lanczos import power_iteration
 from nso_jax._src.lanczos import stochastic_lanczos_quadrature
@@ -87,6 +90,7 @@ __all__ = [
   "LossLandscape",
   "NoiseStabilityEstimate",
   "PowerIterationResult",
+  "RitzValues",
   "SpectralDensity",
   "StackedBatches",
   "TraceBound",
@@ -107,6 +111,7 @@ __all__ = [
   "hutchinson",
   "hvp",
   "lanczos_eigenvalues",
+  "lanczos_ritz",
   "lanczos_tridiag",
   "layer_hessian_measure",
   "layer_traces",

@@ -13,6 +13,12 @@ which a standard error follows). How they run is one value, :class:`Execution`:
   chunk (:func:`default_chunk_size`) is 1 on CPU, one at a time, and 16 on
   accelerators;
 * ``"unroll"``: one after another in the compiled graph;
+* ``"host"``: a Python loop calling one compiled function per chunk of
+  ``chunk_size`` indices (unrolled within the chunk), for work called
+  eagerly: no loop in the compiled graph, whose backward convolutions XLA:CPU
+  runs 20-30 times slower. Where the work is traced (inside an outer
+  :func:`jax.jit`, :func:`jax.vmap` or :func:`jax.shard_map`) it falls back
+  to the in-graph choice of ``"auto"``;
 * ``"auto"``: :func:`default_execution`, the one rule for all of them.
 
 Inside :func:`jax.shard_map`, ``Execution(axis=...)`` splits the indices over
@@ -38,8 +44,12 @@ import jax.numpy as jnp
 from nso_jax._src import checks
 from nso_jax._src import mesh
 
-Strategy = Literal["auto", "vmap", "map", "unroll"]
-STRATEGIES: tuple[str, ...] = ("auto", "vmap", "map", "unroll")
+Strategy = Literal["auto", "vmap", "map", "unroll", "host"]
+STRATEGIES: tuple[str, ...] = ("auto", "vmap", "map", "unroll", "host")
+# Strategies whose chunk_size means something.
+CHUNKED = ("map", "host")
+# Compiled chunk functions of "host", by the text of their jaxpr.
+_HOST_CACHE_SIZE = 32
 
 # Unrolled evaluations compile in time linear in their number (6.9 s at 8,
 # 17.5 s at 16 NSO pairs of the benchmark CNN on CPU) and keep every
@@ -62,10 +72,12 @@ class Execution:
 
   Attributes:
     strategy: ``"auto"`` (:func:`default_execution`), ``"vmap"`` (all at
-      once), ``"map"`` (a loop over chunks, memory of one chunk) or
-      ``"unroll"`` (one after another in the compiled graph).
-    chunk_size: evaluations per step of ``"map"``; ``None`` for
-      :func:`default_chunk_size` (1 on CPU, 16 on accelerators).
+      once), ``"map"`` (a loop over chunks, memory of one chunk),
+      ``"unroll"`` (one after another in the compiled graph) or ``"host"``
+      (a Python loop over compiled chunks, when called eagerly).
+    chunk_size: evaluations per step of ``"map"`` or per compiled call of
+      ``"host"``; ``None`` for :func:`default_chunk_size` (1 on CPU, 16 on
+      accelerators).
     axis: inside :func:`jax.shard_map`, the mesh axis (or a tuple of axes)
       whose devices split the evaluations, combined by one ``psum``. For NSO
       these are its pairs, all on the same batch; for the Hessian tools,
@@ -79,7 +91,7 @@ class Execution:
     >>> batching.Execution("vmap", chunk_size=4)
     Traceback (most recent call last):
     ...
-    ValueError: `chunk_size`=4 applies only to strategy='map', got strategy='vmap'.
+    ValueError: `chunk_size`=4 applies only to strategy='map' or 'host', got ...
   """
 
   strategy: Strategy = "auto"
@@ -90,10 +102,10 @@ class Execution:
     checks.check_choice(self.strategy, STRATEGIES, "strategy")
     if self.chunk_size is not None:
       chunk_size = checks.check_positive_int(self.chunk_size, "chunk_size")
-      if self.strategy != "map":
+      if self.strategy not in CHUNKED:
         raise ValueError(
-          f"`chunk_size`={chunk_size} applies only to strategy='map', got "
-          f"strategy={self.strategy!r}."
+          f"`chunk_size`={chunk_size} applies only to strategy='map' or "
+          f"'host', got strategy={self.strategy!r}."
         )
       object.__setattr__(self, "chunk_size", chunk_size)
     mesh.check_axis_name(self.axis, "axis", bound=False)
@@ -133,7 +145,11 @@ def default_chunk_size(backend: str | None = None) -> int:
 
 
 def default_execution(
-  backend: str | None = None, *, convolutional: bool = False, size: int = 1
+  backend: str | None = None,
+  *,
+  convolutional: bool = False,
+  size: int = 1,
+  eager: bool = False,
 ) -> Strategy:
   """The strategy ``"auto"`` resolves to on ``backend``: the one rule.
 
@@ -148,7 +164,11 @@ def default_execution(
   emitter instead of its fast convolution kernels (measured 15x slower than
   ``"unroll"`` for a small CNN at 16 NSO pairs, and ``"vmap"`` 2.9x slower),
   so there the evaluations are unrolled, up to 8 of them; beyond, compile
-  time and memory would grow with ``size``, and ``"map"`` is kept (pass
+  time and memory would grow with ``size``. Called eagerly (``eager``: no
+  outer trace), they then run as ``"host"``, a Python loop over one compiled
+  evaluation, whose time grows linearly with ``size`` (on a 38k-parameter
+  CNN, 100 trace probes fell from minutes to seconds; see
+  ``benchmarks/curvature_cnn.py``); traced, ``"map"`` is kept (pass
   ``execution="unroll"`` or ``"vmap"`` to trade memory for speed). See
   ``benchmarks/``.
 
@@ -156,10 +176,13 @@ def default_execution(
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
     convolutional: whether the function computes convolutions (see
       :func:`computes_convolutions`).
-    size: the number of evaluations on one device (NSO pairs, or probes).
+    size: the number of evaluations on one device (NSO pairs, probes, or
+      the dependent steps of a Lanczos loop).
+    eager: whether the evaluations are called outside any trace, so that a
+      host loop can drive them.
 
   Returns:
-    ``"vmap"``, ``"map"`` or ``"unroll"``.
+    ``"vmap"``, ``"map"``, ``"unroll"`` or ``"host"``.
 
   Example:
     >>> from nso_jax import batching
@@ -167,12 +190,16 @@ def default_execution(
     ('vmap', 'map')
     >>> batching.default_execution("cpu", convolutional=True, size=4)
     'unroll'
+    >>> batching.default_execution("cpu", convolutional=True, size=100, eager=True)
+    'host'
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return "vmap" if size <= MAX_AUTO_VMAPPED else "map"
   if convolutional and size <= MAX_AUTO_UNROLLED:
     return "unroll"
+  if convolutional and eager:
+    return "host"
   return "map"
 
 
@@ -208,8 +235,8 @@ def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
 class Resolved(NamedTuple):
   """An :class:`Execution` resolved for ``size`` evaluations on this device."""
 
-  strategy: Literal["vmap", "map", "unroll"]
-  chunk_size: int  # evaluations per step of "map"
+  strategy: Literal["vmap", "map", "unroll", "host"]
+  chunk_size: int  # evaluations per step of "map" or per call of "host"
   axes: tuple[str, ...]
   num_devices: int
   size: int  # the global number of evaluations
@@ -223,8 +250,10 @@ def resolve(
 
   The per-device share is decided here, and ``"auto"`` by
   :func:`default_execution` on that share; ``fn``, a function of one index,
-  is traced to find out whether it convolves (without it, it is taken not
-  to).
+  is traced to find out whether it convolves and whether it is called
+  eagerly, none of the values it closes over being a tracer (without it, it
+  is taken not to convolve, and to be traced). ``"host"`` where the work is
+  traced falls back to what ``"auto"`` decides there.
   """
   execution = as_execution(execution)
   size = checks.check_positive_int(size, "size")
@@ -232,9 +261,16 @@ def resolve(
   num_devices = mesh.axis_size(axes)
   local_size = -(-size // num_devices)
   strategy = execution.strategy
-  if strategy == "auto":
-    convolutional = fn is not None and computes_convolutions(fn, jnp.int32(0))
-    strategy = default_execution(convolutional=convolutional, size=local_size)
+  if strategy in ("auto", "host"):
+    closed = None if fn is None else jax.make_jaxpr(fn)(jnp.int32(0))
+    eager = closed is not None and not axes and is_concrete(closed.consts)
+    if strategy == "auto" or not eager:
+      convolutional = closed is not None and _uses_primitive(
+        closed.jaxpr, "conv_general_dilated"
+      )
+      strategy = default_execution(
+        convolutional=convolutional, size=local_size, eager=eager
+      )
   if strategy == "unroll" and local_size > MAX_UNROLLED:
     raise ValueError(
       f"`execution`='unroll' with {local_size} evaluations would trace "
@@ -244,6 +280,80 @@ def resolve(
   chunk = min(execution.chunk_size or default_chunk_size(), local_size)
   concrete = cast(Literal["vmap", "map", "unroll"], strategy)
   return Resolved(concrete, chunk, axes, num_devices, size, local_size)
+
+
+def is_concrete(values: Any) -> bool:
+  """Whether no leaf of ``values`` is a tracer: they can leave for the host."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
+
+
+_host_chunks: dict[tuple[str, int], Callable[..., list[jax.Array]]] = {}
+
+
+def _host_chunk(jaxpr: Any, count: int) -> Callable[..., list[jax.Array]]:
+  """The compiled ``(consts, start, last) -> outputs of start .. start + count - 1``.
+
+  Indices past ``last`` evaluate ``last`` (the caller drops them), so one
+  compiled chunk serves every call. Cached by the jaxpr's text, so that a
+  second eager call with arrays of the same shapes compiles nothing; the
+  outputs are stacked leaf by leaf.
+  """
+  cache_key = (str(jaxpr), count)
+  run = _host_chunks.get(cache_key)
+  if run is None and count == 0:  # one call of the jaxpr, any arguments
+    run = jax.jit(lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args))
+  elif run is None:
+
+    def chunk(consts: list[Any], start: jax.Array, last: jax.Array) -> list[jax.Array]:
+      outs = [
+        jax.core.eval_jaxpr(jaxpr, consts, jnp.minimum(start + j, last))
+        for j in range(count)
+      ]
+      return [jnp.stack(leaves) for leaves in zip(*outs, strict=True)]
+
+    run = jax.jit(chunk)
+  if cache_key not in _host_chunks:
+    if len(_host_chunks) >= _HOST_CACHE_SIZE:
+      _host_chunks.pop(next(iter(_host_chunks)))
+    _host_chunks[cache_key] = run
+  return cast(Callable[..., list[jax.Array]], run)
+
+
+def host_function(fn: Callable[..., Any], *example: Any) -> Callable[..., Any]:
+  """``fn`` compiled once for a host loop, its closed-over arrays as arguments.
+
+  ``fn`` is traced on ``example`` (arrays of the shapes and dtypes it will be
+  called with); the returned function calls one cached executable, so a
+  Python loop over it compiles once and folds no closed-over data into the
+  program. The closed-over values must be concrete (:func:`is_concrete`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax._src import batching
+    >>> scale = jnp.arange(3.0)
+    >>> double = batching.host_function(lambda v: 2 * scale * v, jnp.ones(3))
+    >>> double(jnp.ones(3))
+    Array([0., 2., 4.], dtype=float32)
+  """
+  closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*example)
+  run = _host_chunk(closed.jaxpr, 0)
+  tree = jax.tree.structure(shapes)
+  return lambda *args: jax.tree.unflatten(tree, run(closed.consts, *args))
+
+
+def _host_map(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
+  """``fn`` over ``0 .. local_size - 1`` by a Python loop of compiled chunks.
+
+  The values ``fn`` closes over are arguments of the compiled chunk, not
+  constants folded into it. A last, shorter chunk repeats its last index
+  (the copies are dropped) rather than compile a second function.
+  """
+  closed, shapes = jax.make_jaxpr(fn, return_shape=True)(jnp.int32(0))
+  size, chunk = resolved.local_size, resolved.chunk_size
+  run, last = _host_chunk(closed.jaxpr, chunk), jnp.int32(size - 1)
+  outs = [run(closed.consts, jnp.int32(start), last) for start in range(0, size, chunk)]
+  stacked = [jnp.concatenate(leaves)[:size] for leaves in zip(*outs, strict=True)]
+  return jax.tree.unflatten(jax.tree.structure(shapes), stacked)
 
 
 def _on_this_device(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Callable:
@@ -308,6 +418,8 @@ def sum_indices(
 def partial_sum(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
   """This device's share of :func:`sum_indices`, before the ``psum``."""
   fn, size = _on_this_device(fn, resolved), resolved.local_size
+  if resolved.strategy == "host":
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), _host_map(fn, resolved))
   if resolved.strategy == "vmap":
     return _vmap_sum(fn, jnp.arange(size))
   if resolved.strategy == "unroll":
@@ -379,6 +491,8 @@ def map_resolved(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
 
 
 def _map_here(fn: Callable[[jax.Array], Any], resolved: Resolved) -> Any:
+  if resolved.strategy == "host":
+    return _host_map(fn, resolved)
   indices = jnp.arange(resolved.local_size)
   if resolved.strategy == "vmap":
     return jax.vmap(fn)(indices)

@@ -3,6 +3,13 @@
 The matrix is seen only through ``matvec(v) -> A v`` on pytrees shaped like
 ``template``; ``A`` must be symmetric. Lanczos works on a flat view of the
 pytree (it needs an orthonormal basis); power iteration stays on pytrees.
+
+Lanczos runs its steps in a ``lax.fori_loop`` with the Krylov basis, ``(m +
+1) x n`` values for ``m`` steps, on the device. Where the one rule of
+:func:`nso_jax.batching.default_execution` says ``"host"`` (a convolutional
+operator on CPU, called eagerly, or ``execution="host"``), a Python loop
+calls one compiled product per step instead, and the basis and its
+reorthogonalisation live in host memory: the device holds two vectors.
 """
 
 from __future__ import annotations
@@ -39,6 +46,30 @@ class Tridiagonal(NamedTuple):
   diagonal: jax.Array
   off_diagonal: jax.Array
   basis: jax.Array
+
+
+class RitzValues(NamedTuple):
+  r"""Ritz values of a symmetric operator, with their residual bounds.
+
+  Attributes:
+    eigenvalues: the ``num_eigenvalues`` Ritz values, in the order ``which``
+      asks for.
+    residual_bounds: for each, :math:`|\beta_m s_{mj}|`, the last
+      off-diagonal entry of the Lanczos recursion times the last component
+      of the Ritz vector in the Krylov basis: the norm of :math:`A y -
+      \theta y` for the unit Ritz vector :math:`y`, so (``A`` symmetric)
+      an eigenvalue of ``A`` lies within it of :math:`\theta`. Zero after an
+      invariant subspace was found at the last step. It is the residual of
+      the exact recursion: in floating point, a well converged pair's bound
+      can fall to zero, while its true residual is floored near
+      :math:`\epsilon \lVert A \rVert` (``eps`` of the dtype).
+    eigenvectors: the unit-norm Ritz vectors as one pytree shaped like the
+      template with a leading axis of ``num_eigenvalues``, or ``None``.
+  """
+
+  eigenvalues: jax.Array
+  residual_bounds: jax.Array
+  eigenvectors: PyTree | None
 
 
 class PowerIterationResult(NamedTuple):
@@ -138,6 +169,14 @@ def lanczos_tridiag(
     >>> jnp.linalg.eigvalsh(t + jnp.diag(result.off_diagonal, -1)).round(4)
     Array([1., 2., 3., 4., 5., 6.], dtype=float32)
   """
+  result, _ = _tridiag_in_graph(matvec, v0, num_steps, key)
+  return result
+
+
+def _tridiag_in_graph(
+  matvec: Any, v0: jax.Array, num_steps: int, key: checks.KeyLike
+) -> tuple[Tridiagonal, jax.Array]:
+  """:func:`lanczos_tridiag` and the residual norm of its last step."""
   v0 = jnp.asarray(v0)
   if v0.ndim != 1:
     raise ValueError(f"`v0` must be a flat vector, got shape {v0.shape}.")
@@ -188,7 +227,67 @@ def lanczos_tridiag(
   zeros = mesh.vary_like(jnp.zeros(num_steps, dtype), v0)
   init = (mesh.vary_like(basis, v0), zeros, zeros)
   basis, diagonal, off_diagonal = jax.lax.fori_loop(0, num_steps, body, init)
-  return Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
+  result = Tridiagonal(diagonal, off_diagonal[: num_steps - 1], basis[:num_steps])
+  return result, off_diagonal[num_steps - 1]
+
+
+def _orthogonalise_on_host(w: np.ndarray, basis: np.ndarray) -> np.ndarray:
+  w = w - basis.T @ (basis @ w)
+  return w - basis.T @ (basis @ w)
+
+
+def _tridiag_on_host(
+  matvec: Any, v0: jax.Array, num_steps: int, key: jax.Array
+) -> tuple[Tridiagonal, np.ndarray]:
+  """:func:`lanczos_tridiag` driven from Python, the basis in host memory.
+
+  Each step calls one compiled product (:func:`batching.host_function`) and
+  orthogonalises on the host, in the dtype of ``v0``, as the in-graph loop
+  does: the results agree with it to rounding. The returned basis is a NumPy
+  array; the device holds only the vector being multiplied and its image.
+  """
+  product = batching.host_function(matvec, v0)
+  dtype = np.dtype(v0.dtype)
+  dim = v0.shape[0]
+  breakdown_tol = np.sqrt(dim) * np.finfo(dtype).eps
+  basis = np.zeros((num_steps + 1, dim), dtype)
+  start = np.asarray(v0)
+  basis[0] = start / np.linalg.norm(start)
+  diagonal = np.zeros(num_steps, dtype)
+  off_diagonal = np.zeros(num_steps, dtype)
+  for i in range(num_steps):
+    w = np.asarray(product(jnp.asarray(basis[i]))).astype(dtype)
+    diagonal[i] = np.dot(basis[i], w)
+    image_norm = np.linalg.norm(w)
+    w = _orthogonalise_on_host(w, basis[: i + 1])
+    beta = np.linalg.norm(w)
+    if beta <= breakdown_tol * image_norm:
+      fresh = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
+      fresh = _orthogonalise_on_host(np.asarray(fresh), basis[: i + 1])
+      basis[i + 1], beta = fresh / np.linalg.norm(fresh), dtype.type(0)
+    else:
+      basis[i + 1] = w / beta if beta > 0 else w
+    off_diagonal[i] = beta
+  result = Tridiagonal(
+    jnp.asarray(diagonal), jnp.asarray(off_diagonal[: num_steps - 1]), basis[:num_steps]
+  )
+  return result, off_diagonal[num_steps - 1]
+
+
+def _tridiag(
+  matvec: Any, v0: jax.Array, num_steps: int, key: jax.Array, on_host: bool
+) -> tuple[Tridiagonal, Any]:
+  if on_host:
+    return _tridiag_on_host(matvec, v0, num_steps, key)
+  return _tridiag_in_graph(matvec, v0, num_steps, key)
+
+
+def _runs_on_host(
+  execution: batching.ExecutionLike, num_steps: int, matvec: Any, v0: jax.Array
+) -> bool:
+  """Whether the one rule puts these ``num_steps`` dependent products on the host."""
+  resolved = batching.resolve(execution, num_steps, lambda _: matvec(v0))
+  return resolved.strategy == "host"
 
 
 def _default_num_steps(num_eigenvalues: int, dim: int) -> int:
@@ -204,6 +303,7 @@ def lanczos_eigenvalues(
   num_steps: int | None = None,
   which: str = "LA",
   return_eigenvectors: bool = False,
+  execution: batching.ExecutionLike = "auto",
 ) -> jax.Array | tuple[jax.Array, PyTree]:
   r"""Extreme eigenvalues of a symmetric operator by the Lanczos method.
 
@@ -225,11 +325,19 @@ def lanczos_eigenvalues(
       order), ``"SA"`` smallest algebraic (most negative curvature, in
       increasing order) or ``"LM"`` largest magnitude (decreasing ``|λ|``).
     return_eigenvectors: also return the Ritz vectors.
+    execution: where the steps run: ``"auto"`` (the one rule of
+      :func:`nso_jax.batching.default_execution` for ``num_steps``
+      dependent products: on CPU, a convolutional operator called eagerly
+      runs as ``"host"``), ``"host"`` (a Python loop over one compiled
+      product, the basis in host memory; in-graph where traced) or any
+      other strategy (the in-graph ``lax.fori_loop``, the basis on the
+      device).
 
   Returns:
     The ``num_eigenvalues`` eigenvalues; with ``return_eigenvectors``, a pair
     of the eigenvalues and the unit-norm eigenvectors as one pytree shaped
     like ``template`` with a leading axis of size ``num_eigenvalues``.
+    :func:`lanczos_ritz` returns their residual bounds too.
 
   Example:
     >>> import jax.numpy as jnp
@@ -247,6 +355,67 @@ def lanczos_eigenvalues(
 
     Ghorbani, Krishnan, Xiao, "An investigation into neural net optimization via
     Hessian eigenvalue density", ICML 2019.
+  """
+  result = lanczos_ritz(
+    matvec,
+    template,
+    key,
+    num_eigenvalues=num_eigenvalues,
+    num_steps=num_steps,
+    which=which,
+    return_eigenvectors=return_eigenvectors,
+    execution=execution,
+  )
+  if not return_eigenvectors:
+    return result.eigenvalues
+  return result.eigenvalues, result.eigenvectors
+
+
+def lanczos_ritz(
+  matvec: Matvec,
+  template: PyTree,
+  key: checks.KeyLike,
+  *,
+  num_eigenvalues: int,
+  num_steps: int | None = None,
+  which: str = "LA",
+  return_eigenvectors: bool = False,
+  execution: batching.ExecutionLike = "auto",
+) -> RitzValues:
+  r"""Extreme Ritz values by Lanczos, with their residual bounds.
+
+  :func:`lanczos_eigenvalues` with the same arguments gives the same
+  values; this also returns, for each Ritz pair :math:`(\theta_j, y_j)`,
+  the bound :math:`\lVert A y_j - \theta_j y_j \rVert = |\beta_m s_{mj}|`,
+  within which an eigenvalue of the symmetric ``A`` lies. It costs nothing
+  beyond the Lanczos run: :math:`\beta_m` is the norm of the last step's
+  residual and :math:`s_{mj}` the last component of the eigenvector of the
+  tridiagonal matrix.
+
+  Args:
+    matvec: ``v -> A v`` on pytrees shaped like ``template``; ``A`` symmetric.
+    template: a pytree with the shapes and dtypes of the vectors.
+    key: an int seed or a ``jax.random.key``.
+    num_eigenvalues: how many eigenvalues, at most the dimension.
+    num_steps: Lanczos steps, as in :func:`lanczos_eigenvalues`.
+    which: ``"LA"``, ``"SA"`` or ``"LM"``, as in :func:`lanczos_eigenvalues`.
+    return_eigenvectors: also compute the Ritz vectors.
+    execution: where the steps run, as in :func:`lanczos_eigenvalues`.
+
+  Returns:
+    A :class:`RitzValues` ``(eigenvalues, residual_bounds, eigenvectors)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import hessian
+    >>> diagonal = jnp.linspace(-1.0, 1.0, 100).at[:3].set(jnp.array([5., 4., 3.]))
+    >>> ritz = hessian.lanczos_ritz(
+    ...     lambda v: diagonal * v, jnp.zeros(100), key=0, num_eigenvalues=3,
+    ...     num_steps=30)
+    >>> ritz.eigenvalues.round(4)
+    Array([5., 4., 3.], dtype=float32)
+    >>> bool(jnp.all(ritz.residual_bounds < 1e-3))
+    True
   """
   which = checks.check_choice(which, WHICH, "which")
   operators.check_template(template)
@@ -267,7 +436,8 @@ def lanczos_eigenvalues(
     )
   start_key, restart_key = jax.random.split(checks.canonicalize_key(key))
   v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
-  result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
+  on_host = _runs_on_host(execution, num_steps, operator.matvec, v0)
+  result, last_beta = _tridiag(operator.matvec, v0, num_steps, restart_key, on_host)
   ritz_values, ritz_coordinates = jnp.linalg.eigh(
     _tridiagonal_matrix(result.diagonal, result.off_diagonal)
   )  # ascending
@@ -278,10 +448,15 @@ def lanczos_eigenvalues(
   else:
     order = jnp.argsort(-jnp.abs(ritz_values))[:k]
   eigenvalues = ritz_values[order]
+  bounds = jnp.abs(jnp.asarray(last_beta) * ritz_coordinates[-1, order])
   if not return_eigenvectors:
-    return eigenvalues
-  vectors = ritz_coordinates[:, order].T @ result.basis  # (k, n)
-  return eigenvalues, jax.vmap(operator.unravel)(vectors)
+    return RitzValues(eigenvalues, bounds, None)
+  coordinates = ritz_coordinates[:, order].T
+  if on_host:  # (k, m) @ (m, n) on the host, where the basis is
+    vectors = jnp.asarray(np.asarray(coordinates) @ result.basis)
+  else:
+    vectors = coordinates @ result.basis  # (k, n)
+  return RitzValues(eigenvalues, bounds, jax.vmap(operator.unravel)(vectors))
 
 
 def power_iteration(
@@ -434,17 +609,24 @@ def stochastic_lanczos_quadrature(
   num_steps = min(num_steps, operator.dim)
   key = checks.canonicalize_key(key)
 
-  def quadrature(index):
+  def quadrature(index, on_host=False):
     probe_key = jax.random.fold_in(key, index)
     start_key, restart_key = jax.random.split(probe_key)
     v0 = jax.random.rademacher(start_key, (operator.dim,), operator.dtype)
-    result = lanczos_tridiag(operator.matvec, v0, num_steps, restart_key)
+    result, _ = _tridiag(operator.matvec, v0, num_steps, restart_key, on_host)
     nodes, coordinates = jnp.linalg.eigh(
       _tridiagonal_matrix(result.diagonal, result.off_diagonal)
     )
     return nodes, coordinates[0] ** 2
 
-  nodes, weights = batching.map_indices(quadrature, num_probes, execution=execution)
+  first = lambda i: operator.matvec(  # the first product of probe i
+    jax.random.rademacher(jax.random.fold_in(key, i), (operator.dim,), operator.dtype)
+  )
+  if batching.resolve(execution, num_steps, first).strategy == "host":
+    rules = [quadrature(jnp.int32(i), on_host=True) for i in range(num_probes)]
+    nodes, weights = (jnp.stack(parts) for parts in zip(*rules, strict=True))
+  else:
+    nodes, weights = batching.map_indices(quadrature, num_probes, execution=execution)
   return _smoothed_density(nodes, weights, grid)
 
 
