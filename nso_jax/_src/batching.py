@@ -164,13 +164,14 @@ def default_execution(
   emitter instead of its fast convolution kernels (measured 15x slower than
   ``"unroll"`` for a small CNN at 16 NSO pairs, and ``"vmap"`` 2.9x slower),
   so there the evaluations are unrolled, up to 8 of them; beyond, compile
-  time and memory would grow with ``size``. Called eagerly (``eager``: no
-  outer trace), they then run as ``"host"``, a Python loop over one compiled
-  evaluation, whose time grows linearly with ``size`` (on a 38k-parameter
-  CNN, 100 trace probes fell from minutes to seconds; see
-  ``benchmarks/curvature_cnn.py``); traced, ``"map"`` is kept (pass
-  ``execution="unroll"`` or ``"vmap"`` to trade memory for speed). See
-  ``benchmarks/``.
+  time and memory would grow with ``size``, and ``"map"`` is kept (pass
+  ``execution="unroll"`` or ``"vmap"`` to trade memory for speed). Called
+  eagerly (``eager``: no outer trace, as the Hessian tools usually are),
+  convolutional evaluations run as ``"host"`` whatever their number: a
+  Python loop over one compiled evaluation, with no loop in the graph and
+  time linear in ``size`` (on a 38k-parameter CNN, 100 trace probes fell
+  from over 150 s to seconds; eagerly, ``"unroll"`` would dispatch
+  operation by operation). See ``benchmarks/curvature_cnn.py``.
 
   Args:
     backend: a JAX backend name; ``None`` means ``jax.default_backend()``.
@@ -196,10 +197,10 @@ def default_execution(
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return "vmap" if size <= MAX_AUTO_VMAPPED else "map"
-  if convolutional and size <= MAX_AUTO_UNROLLED:
-    return "unroll"
   if convolutional and eager:
     return "host"
+  if convolutional and size <= MAX_AUTO_UNROLLED:
+    return "unroll"
   return "map"
 
 
