@@ -147,8 +147,9 @@ def test_resolve_decides_auto_on_one_device_share():
   assert (resolved.size, resolved.local_size, resolved.num_devices) == (20, 20, 1)
   assert resolved.axes == ()
   assert resolved.chunk_size == min(batching.default_chunk_size(), 20)
+  # Called eagerly (nothing it closes over is traced).
   assert batching_src.resolve("auto", 4, conv).strategy == batching.default_execution(
-    convolutional=True, size=4
+    convolutional=True, size=4, eager=True
   )
   # An explicit strategy is kept, and the chunk never exceeds the share.
   explicit = batching_src.resolve(batching.Execution("map", chunk_size=8), 5)
