@@ -170,7 +170,7 @@ def isolated(name: str, batch: int, cap: float) -> dict[str, Any]:
       subprocess.run(command, check=True, timeout=cap)
     except subprocess.TimeoutExpired:
       return {
-        "mode": name.split("/")[-1],
+        "mode": "jit" if name.startswith("matfree") else name.split("/")[-1],
         "timed_out": True,
         "compile_s": None,
         "run_s": time.perf_counter() - start,
@@ -299,11 +299,14 @@ def markdown(payload: dict[str, Any]) -> str:
   eigsh = results.get("scipy/eigsh")
   top = results.get(f"top{TOP_K}/eager") or results.get(f"top{TOP_K}/jit")
   if eigsh and top:
+    bound = "> " if top.get("timed_out") else ""
     lines += [
       "",
       f"eigsh used {eigsh['matvecs']} products. top_eigenvalues / eigsh run "
-      f"time: {best_time(top) / best_time(eigsh):.2f}",
+      f"time: {bound}{best_time(top) / best_time(eigsh):.2f}",
     ]
+  for note in payload.get("notes", []):
+    lines += ["", note]
   return "\n".join(lines) + "\n"
 
 
