@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -262,14 +263,16 @@ def _tridiag_on_host(
     w = _orthogonalise_on_host(w, basis[: i + 1])
     beta = np.linalg.norm(w)
     if beta <= breakdown_tol * image_norm:
-      fresh = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
-      fresh = _orthogonalise_on_host(np.asarray(fresh), basis[: i + 1])
+      drawn = jax.random.normal(jax.random.fold_in(key, i), (dim,), dtype)
+      fresh = _orthogonalise_on_host(np.asarray(drawn), basis[: i + 1])
       basis[i + 1], beta = fresh / np.linalg.norm(fresh), dtype.type(0)
     else:
       basis[i + 1] = w / beta if beta > 0 else w
     off_diagonal[i] = beta
+  # The basis stays a NumPy array, in host memory (typed as the field's Array).
+  host_basis = cast(jax.Array, basis[:num_steps])
   result = Tridiagonal(
-    jnp.asarray(diagonal), jnp.asarray(off_diagonal[: num_steps - 1]), basis[:num_steps]
+    jnp.asarray(diagonal), jnp.asarray(off_diagonal[: num_steps - 1]), host_basis
   )
   return result, off_diagonal[num_steps - 1]
 
