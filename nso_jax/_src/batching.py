@@ -295,7 +295,9 @@ def _host_chunk(jaxpr: Any, count: int) -> Callable[..., list[jax.Array]]:
   """The compiled ``(consts, start, last) -> outputs of start .. start + count - 1``.
 
   Indices past ``last`` evaluate ``last`` (the caller drops them), so one
-  compiled chunk serves every call. Cached by the jaxpr's text, so that a
+  compiled chunk serves every call; ``count`` 0 gives instead ``(consts,
+  *args) -> outputs`` of one call (:func:`host_function`). Cached by the
+  jaxpr's text, so that a
   second eager call with arrays of the same shapes compiles nothing; the
   outputs are stacked leaf by leaf.
   """
