@@ -17,6 +17,10 @@ if jax.default_backend() == "gpu":
   os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
   jax.config.update("jax_default_matmul_precision", "highest")
 
+# Worker scripts run in fresh processes with their own device count; importing
+# them here (doctest collection) would build their meshes on one device.
+collect_ignore_glob = ["*_worker.py"]
+
 # Property tests draw 20 examples in the default run, 200 with --full-scale.
 settings.register_profile("default_scale", max_examples=20)
 settings.register_profile("full_scale", max_examples=200)
