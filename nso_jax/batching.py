@@ -14,6 +14,7 @@ from nso_jax._src.batching import ExecutionLike
 from nso_jax._src.batching import computes_convolutions
 from nso_jax._src.batching import default_chunk_size
 from nso_jax._src.batching import default_execution
+from nso_jax._src.batching import describe
 from nso_jax._src.batching import map_indices
 from nso_jax._src.batching import sum_indices
 
@@ -24,6 +25,7 @@ __all__ = [
   "computes_convolutions",
   "default_chunk_size",
   "default_execution",
+  "describe",
   "map_indices",
   "sum_indices",
 ]

@@ -15,7 +15,7 @@ from nso_jax._src.training import TrainState
 from nso_jax._src.training import nnx_grad_fn
 from nso_jax._src.training import nnx_train_step
 from nso_jax._src.training import train_step
-from nso_jax._src.training import with_key
+from nso_jax._src.transform import with_key
 
 __all__ = [
   "CheckpointManager",

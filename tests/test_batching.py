@@ -2,6 +2,7 @@
 one :class:`~nso_jax.batching.Execution` value is checked when it is built."""
 
 import dataclasses
+import logging
 
 import chex
 import jax
@@ -197,3 +198,31 @@ def test_unrolling_thousands_is_refused_before_tracing():
     with pytest.raises(ValueError, match=r"`execution`='unroll' with 513 evaluations"):
       seam(lambda i: calls.append(i) or i, 513, execution="unroll")
   assert not calls
+
+
+def test_describe_and_the_debug_log_say_what_auto_chose(caplog):
+  """``"auto"`` is not silent: describe() and the "nso_jax" logger name it."""
+  conv = lambda x: jnp.convolve(x, jnp.ones(3))
+  conv_grad = jax.grad(lambda x: conv(x).sum())
+
+  seen = []
+
+  @jax.jit
+  def traced(x):
+    seen.append(batching.describe("auto", 4, lambda i: conv_grad(x + i)))
+    return x
+
+  with caplog.at_level(logging.DEBUG, logger="nso_jax"):
+    traced(jnp.ones(5))
+  inside_jit = seen[0]
+  assert inside_jit["strategy"] == batching.default_execution(
+    convolutional=True, size=4
+  )
+  assert "convolutional=True" in caplog.text and "eager=False" in caplog.text
+  plain = batching.describe(batching.Execution("map", 2), 6, lambda i: i * 2.0)
+  assert plain == {
+    "strategy": "map",
+    "chunk_size": 2,
+    "num_devices": 1,
+    "local_size": 6,
+  }

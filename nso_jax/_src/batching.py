@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -43,6 +44,8 @@ import jax.numpy as jnp
 
 from nso_jax._src import checks
 from nso_jax._src import mesh
+
+_LOG = logging.getLogger("nso_jax")
 
 Strategy = Literal["auto", "vmap", "map", "unroll", "host"]
 STRATEGIES: tuple[str, ...] = ("auto", "vmap", "map", "unroll", "host")
@@ -272,6 +275,17 @@ def resolve(
       strategy = default_execution(
         convolutional=convolutional, size=local_size, eager=eager
       )
+      _LOG.debug(
+        "execution %r for %d evaluations (%d on this device) resolved to %r "
+        "(convolutional=%s, eager=%s, backend=%s)",
+        execution.strategy,
+        size,
+        local_size,
+        strategy,
+        convolutional,
+        eager,
+        jax.default_backend(),
+      )
   if strategy == "unroll" and local_size > MAX_UNROLLED:
     raise ValueError(
       f"`execution`='unroll' with {local_size} evaluations would trace "
@@ -281,6 +295,32 @@ def resolve(
   chunk = min(execution.chunk_size or default_chunk_size(), local_size)
   concrete = cast(Literal["vmap", "map", "unroll"], strategy)
   return Resolved(concrete, chunk, axes, num_devices, size, local_size)
+
+
+def describe(
+  execution: ExecutionLike, size: int, fn: Callable[[jax.Array], Any] | None = None
+) -> dict[str, Any]:
+  """What ``execution`` runs as for ``size`` evaluations of ``fn``, here.
+
+  The choice ``"auto"`` makes is otherwise silent (it is also logged at
+  ``DEBUG`` level by the ``"nso_jax"`` logger). ``fn``, a function of one
+  index, is traced, not run; called inside ``jit`` or ``shard_map``, the
+  answer is the one the traced work gets.
+
+  Returns:
+    A dict: ``strategy`` (``"vmap"``, ``"map"``, ``"unroll"`` or
+    ``"host"``), ``chunk_size`` (evaluations per step of ``"map"`` and
+    ``"host"``), ``num_devices`` and ``local_size`` (this device's share).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from nso_jax import batching
+    >>> batching.describe("auto", 100, lambda i: jnp.sin(i))["strategy"]
+    'map'
+  """
+  resolved = resolve(execution, size, fn)
+  keys = ("strategy", "chunk_size", "num_devices", "local_size")
+  return {key: getattr(resolved, key) for key in keys}
 
 
 def is_concrete(values: Any) -> bool:

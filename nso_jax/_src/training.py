@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
@@ -550,71 +549,3 @@ def nnx_train_step(
     model_state = nnx.state(model, nnx.Not(wrt))
     nnx.update(model, _mean_over(_as_pure(model_state), axes))
   return _mean_over({"loss": loss, **aux}, axes)
-
-
-def with_key(opt_state: Any, key: Any) -> Any:
-  """``opt_state`` with the key of its :func:`~nso_jax.noise_stability` replaced.
-
-  The key given when the transformation is built only seeds ``init``; the
-  compiled update reads the key from the state. A seed sweep can therefore
-  build the transformation and compile the step once, and start each run
-  from ``with_key(tx.init(params), seed)``: the same program, another key,
-  and the same trajectory as building the transformation with that key.
-
-  Args:
-    opt_state: any optimizer state holding one or more
-      ``NoiseStabilityState`` (an optax chain's, ``nso``'s, or a whole
-      :class:`TrainState`). Each one gets the same new key. For an
-      ``nnx.Optimizer``, pass ``nnx.as_pure(optimizer.opt_state)`` and put
-      the result back with ``nnx.update(optimizer.opt_state,
-      nnx.state(new_state))``.
-    key: an int seed, a typed key (``jax.random.key``) or a raw
-      ``jax.random.PRNGKey``. An int seed makes a key of the implementation
-      the state's key has, so the compiled step is reused.
-
-  Returns:
-    ``opt_state`` with every ``NoiseStabilityState.key`` replaced.
-
-  Raises:
-    ValueError: if ``opt_state`` holds no ``NoiseStabilityState``, or ``key``
-      holds more than one key (or is ``None``).
-    TypeError: if ``key`` is of no accepted kind.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import nso_jax
-    >>> from nso_jax import training
-    >>> tx = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0)
-    >>> params = {"w": jnp.ones(3)}
-    >>> a = training.with_key(tx.init(params), 7)
-    >>> b = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=7).init(params)
-    >>> bool(jnp.all(jax.random.key_data(a[0].key) == jax.random.key_data(b[0].key)))
-    True
-  """
-  from nso_jax._src.transform import NoiseStabilityState
-
-  is_seed = isinstance(key, (int, np.integer)) and not isinstance(key, bool)
-  seed = int(key) if is_seed else None
-  key = checks.canonicalize_key(key)
-  found = []
-
-  def replace(node: Any) -> Any:
-    if not isinstance(node, NoiseStabilityState):
-      return node
-    found.append(node)
-    if seed is None:
-      return node._replace(key=key)
-    impl = jax.random.key_impl(node.key)
-    return node._replace(key=jax.random.key(seed, impl=impl))
-
-  def is_state(node: Any) -> bool:
-    return isinstance(node, NoiseStabilityState)
-
-  new_state = jax.tree.map(replace, opt_state, is_leaf=is_state)
-  if not found:
-    raise ValueError(
-      "`opt_state` holds no NoiseStabilityState, so it has no key to replace; "
-      f"got {_describe(opt_state)}. Pass the state of an optimizer built with "
-      "nso_jax.nso or nso_jax.noise_stability (e.g. tx.init(params))."
-    )
-  return new_state

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nso_jax._src import batching
@@ -662,3 +663,69 @@ def set_sigma(state: Any, sigma: Any) -> Any:
   """
   old = get_sigma(state)
   return optax.tree_utils.tree_set(state, sigma=jnp.asarray(sigma, old.dtype))
+
+
+def with_key(opt_state: Any, key: Any) -> Any:
+  """``opt_state`` with the key of its :func:`~nso_jax.noise_stability` replaced.
+
+  The key given when the transformation is built only seeds ``init``; the
+  compiled update reads the key from the state. A seed sweep can therefore
+  build the transformation and compile the step once, and start each run
+  from ``with_key(tx.init(params), seed)``: the same program, another key,
+  and the same trajectory as building the transformation with that key.
+
+  Args:
+    opt_state: any optimizer state holding one or more
+      ``NoiseStabilityState`` (an optax chain's, ``nso``'s, or a whole
+      :class:`TrainState`). Each one gets the same new key. For an
+      ``nnx.Optimizer``, pass ``nnx.as_pure(optimizer.opt_state)`` and put
+      the result back with ``nnx.update(optimizer.opt_state,
+      nnx.state(new_state))``.
+    key: an int seed, a typed key (``jax.random.key``) or a raw
+      ``jax.random.PRNGKey``. An int seed makes a key of the implementation
+      the state's key has, so the compiled step is reused.
+
+  Returns:
+    ``opt_state`` with every ``NoiseStabilityState.key`` replaced.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no ``NoiseStabilityState``, or ``key``
+      holds more than one key (or is ``None``).
+    TypeError: if ``key`` is of no accepted kind.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import nso_jax
+    >>> from nso_jax import training
+    >>> tx = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=0)
+    >>> params = {"w": jnp.ones(3)}
+    >>> a = training.with_key(tx.init(params), 7)
+    >>> b = nso_jax.nso(optax.sgd(0.1), sigma=0.01, key=7).init(params)
+    >>> bool(jnp.all(jax.random.key_data(a[0].key) == jax.random.key_data(b[0].key)))
+    True
+  """
+  is_seed = isinstance(key, (int, np.integer)) and not isinstance(key, bool)
+  seed = int(key) if is_seed else None
+  key = checks.canonicalize_key(key)
+  found = []
+
+  def replace(node: Any) -> Any:
+    if not isinstance(node, NoiseStabilityState):
+      return node
+    found.append(node)
+    if seed is None:
+      return node._replace(key=key)
+    impl = jax.random.key_impl(node.key)
+    return node._replace(key=jax.random.key(seed, impl=impl))
+
+  def is_state(node: Any) -> bool:
+    return isinstance(node, NoiseStabilityState)
+
+  new_state = jax.tree.map(replace, opt_state, is_leaf=is_state)
+  if not found:
+    raise ValueError(
+      "`opt_state` holds no NoiseStabilityState, so it has no key to replace; "
+      f"got a {type(opt_state).__name__}. Pass the state of an optimizer built with "
+      "nso_jax.nso or nso_jax.noise_stability (e.g. tx.init(params))."
+    )
+  return new_state
