@@ -275,6 +275,8 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
   if checks.is_traced(sigma) or not float(sigma) > 0:
     return
   leaves = jax.tree.leaves(params)
+  if not all(isinstance(w, jax.Array | np.ndarray) for w in leaves):
+    return  # the update names the leaf that is not an array
   mask = selection.selection_mask(params, settings.estimator.param_filter)
   half = {
     jnp.dtype(jnp.result_type(w))
