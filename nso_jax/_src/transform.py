@@ -542,7 +542,9 @@ def accumulate(
     grads, advanced = noise.update(updates, state.noise, params, **extra_args)
     last = state.mini_step + 1 >= n
     noise_state = jax.lax.cond(last, lambda: advanced, lambda: state.noise)
-    updates, multi_state = multi.update(grads, state.optimizer, params, **extra_args)
+    # grad_fn is NSO's alone: some optax versions trace MultiSteps' arguments.
+    rest = {name: arg for name, arg in extra_args.items() if name != "grad_fn"}
+    updates, multi_state = multi.update(grads, state.optimizer, params, **rest)
     mini_step = jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32)
     return updates, AccumulationState(mini_step, noise_state, multi_state)
 
