@@ -50,10 +50,6 @@ from nso_jax._src.diagonal import hessian_diagonal
 from nso_jax._src.fisher import empirical_fisher_trace
 from nso_jax._src.fisher import fisher_trace
 from nso_jax._src.fisher import ggn_trace
-from nso_jax._src.landscape import LossLandscape
-from nso_jax._src.landscape import eigenvector_directions
-from nso_jax._src.landscape import filter_normalized_direction
-from nso_jax._src.landscape import loss_landscape
 from nso_jax._src.lanczos import DensityGrid
 from nso_jax._src.lanczos import PowerIterationResult
 from nso_jax._src.lanczos import RitzValues
@@ -64,6 +60,10 @@ from nso_jax._src.lanczos import lanczos_ritz
 from nso_jax._src.lanczos import lanczos_tridiag
 from nso_jax._src.lanczos import power_iteration
 from nso_jax._src.lanczos import stochastic_lanczos_quadrature
+from nso_jax._src.landscape import LossLandscape
+from nso_jax._src.landscape import eigenvector_directions
+from nso_jax._src.landscape import filter_normalized_direction
+from nso_jax._src.landscape import loss_landscape
 from nso_jax._src.operators import LinearOperator
 from nso_jax._src.operators import ggn_operator
 from nso_jax._src.operators import hessian_operator
