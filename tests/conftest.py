@@ -44,3 +44,40 @@ def pytest_configure(config):
 def full_scale(request) -> bool:
   """Whether statistical checks run at full size (--full-scale)."""
   return request.config.getoption("--full-scale")
+
+
+FAULT_OUTCOMES = ("clear", "correct")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    marker = item.get_closest_marker("fault")
+    if marker is not None and tuple(marker.args) not in {(o,) for o in FAULT_OUTCOMES}:
+      raise pytest.UsageError(
+        f"{item.nodeid}: @pytest.mark.fault takes one of {FAULT_OUTCOMES}, "
+        f"got {marker.args!r}"
+      )
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Counts the fault sweep's cases by the outcome each must give."""
+  counts: dict[tuple[str, str], int] = {}
+  for status in ("passed", "failed", "error", "skipped"):
+    for report in terminalreporter.stats.get(status, []):
+      if report.when != "call" and status == "passed":
+        continue
+      outcome = dict(getattr(report, "fault_outcome", ()) or ())
+      if outcome:
+        key = (outcome["outcome"], status)
+        counts[key] = counts.get(key, 0) + 1
+  if counts:
+    parts = ", ".join(f"{n} {o} {s}" for (o, s), n in sorted(counts.items()))
+    terminalreporter.write_line(f"fault sweep: {parts}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  marker = item.get_closest_marker("fault")
+  if marker is not None:
+    outcome.get_result().fault_outcome = (("outcome", marker.args[0]),)
