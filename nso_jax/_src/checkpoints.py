@@ -10,15 +10,18 @@ names the file or the arrays concerned.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
+import numbers
 import operator
 import os
 import re
 import shutil
 import threading
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -145,6 +148,107 @@ def _swap_in(new: str, path: str) -> None:
   _remove_tree(previous)
 
 
+# What Orbax's StandardCheckpointer saves (its STANDARD_ARRAY_TYPES); anything
+# else with ``__array__`` is converted to a NumPy array first, as Orbax does.
+_SAVABLE = (int, float, np.ndarray, jax.Array)
+# NumPy dtypes that convert to an array but that the array store cannot hold.
+_UNSAVABLE_KINDS = "OUSV"
+
+
+def _unsavable(leaf: Any) -> bool:
+  if not isinstance(leaf, (np.ndarray, jax.Array)) and hasattr(leaf, "__array__"):
+    try:
+      leaf = np.asarray(leaf)
+    except Exception:  # Any failure to convert means it cannot be saved.
+      return True
+  if isinstance(leaf, np.ndarray) and leaf.dtype.kind in _UNSAVABLE_KINDS:
+    return True
+  return not isinstance(leaf, _SAVABLE) or isinstance(leaf, complex)
+
+
+def _check_state(state: Any) -> None:
+  """Raises a clear error for a ``state`` that Orbax would refuse to save."""
+  if isinstance(state, (jax.Array, np.ndarray, numbers.Number)):
+    raise TypeError(
+      f"`state` must be a pytree of arrays (a dict, a TrainState, ...), got a "
+      f"single {type(state).__name__}: wrap it, e.g. {{'w': array}}."
+    )
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  if not leaves:
+    raise ValueError(
+      f"`state` holds no arrays to save (got {state!r:.80}): pass a pytree with "
+      "at least one array, e.g. a TrainState or {'w': array}."
+    )
+  bad = [
+    f"{_leaf_name(path)} (a {type(leaf).__name__}: {leaf!r:.40})"
+    for path, leaf in leaves
+    if _unsavable(leaf)
+  ]
+  if bad:
+    count = "a leaf" if len(bad) == 1 else f"{len(bad)} leaves"
+    raise TypeError(
+      f"`state` holds {count} that a checkpoint cannot hold: "
+      f"{_listing(bad)}. Expected arrays or Python ints and floats; keep "
+      "strings and other settings out of the state (e.g. in a JSON file "
+      "beside the checkpoint, or as static fields)."
+    )
+
+
+def _followed(path: str) -> str:
+  """The checkpoint folder that ``overwrite=True`` replaces at ``path``.
+
+  A symbolic link is followed: the folder it points to is replaced and the
+  link kept. Raises a ValueError, touching nothing, unless that folder holds
+  a checkpoint.
+  """
+  real = os.path.realpath(path) if os.path.islink(path) else path
+  if not _looks_like_checkpoint(real):
+    what = (
+      f"is a link to {real!r}, which holds no checkpoint"
+      if real != path
+      else "exists but holds no checkpoint"
+    )
+    raise ValueError(
+      f"`directory` {path!r} {what}; overwrite=True only replaces a "
+      "checkpoint, so it was left untouched. Pass another folder."
+    )
+  return real
+
+
+def _make_parent(path: str, directory: str) -> None:
+  """Creates ``path``'s parent folders, or names the file that is in the way."""
+  ancestor = os.path.dirname(path)
+  while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+    ancestor = os.path.dirname(ancestor)
+  if os.path.lexists(ancestor) and not os.path.isdir(ancestor):
+    what = "a link to nothing" if os.path.islink(ancestor) else "a file"
+    raise ValueError(
+      f"`directory` {directory!r} cannot be created: {ancestor!r} is {what}, "
+      "not a folder. Pass a path whose parent folders are folders."
+    )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def _rename_new(temporary: str, path: str, overwrite: bool) -> None:
+  """Renames a complete save to the new ``path``; another save may beat it."""
+  try:
+    os.rename(temporary, path)
+  except OSError as error:
+    taken = error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)
+    if not (taken and os.path.lexists(path)):
+      raise
+    if overwrite and _looks_like_checkpoint(path):
+      _swap_in(temporary, path)
+      return
+    raise FileExistsError(
+      f"`directory` {path!r} was created by another save (or process) while "
+      "this one was writing; what is there was left as it is and this save "
+      "was discarded. Save each process's checkpoint to its own folder, or "
+      "pass overwrite=True to replace a checkpoint."
+    ) from None
+  _fsync(os.path.dirname(path))
+
+
 def save_checkpoint(
   directory: str | os.PathLike[str], state: Any, *, overwrite: bool = False
 ) -> None:
@@ -161,24 +265,36 @@ def save_checkpoint(
   ``directory``. If the save fails, the temporary folder is removed and
   ``directory`` is as it was. With ``overwrite=True`` the old checkpoint is
   moved aside (``<name>.nso-previous-<id>``) once the new one is complete, the
-  new one is renamed into place, and only then is the old one deleted. A
-  process killed during a save can leave such a folder behind;
-  :func:`restore_checkpoint` points to it when ``directory`` is missing.
-  Renames are atomic on local file systems, which this function is meant for.
+  new one is renamed into place, and only then is the old one deleted. If
+  ``directory`` is a symbolic link, the checkpoint folder it points to is
+  replaced and the link kept. A process killed during a save can leave such a
+  folder behind; :func:`restore_checkpoint` points to it when ``directory``
+  is missing. Renames are atomic on local file systems, which this function
+  is meant for. If another process creates ``directory`` while this save
+  writes, the other's checkpoint is kept and this save raises
+  ``FileExistsError`` (with ``overwrite=True``, it replaces a checkpoint
+  there). ``state`` is checked before anything is written, so a state Orbax
+  cannot save raises an error naming its leaves and leaves no folder behind.
   Orbax's log messages are silenced during the save.
 
   Args:
     directory: the folder to write; it must not exist yet, unless
       ``overwrite``. Missing parent folders are created.
-    state: any pytree of arrays, e.g. a :class:`TrainState` (its ``apply_fn``
-      and ``tx`` are static and not saved) or ``nnx.state(optimizer)``.
+    state: any pytree of arrays and Python ints and floats, with at least one
+      leaf, e.g. a :class:`TrainState` (its ``apply_fn`` and ``tx`` are static
+      and not saved) or ``nnx.state(optimizer)``.
     overwrite: replace the checkpoint at ``directory``, once the new one is
       complete.
 
   Raises:
-    FileExistsError: if ``directory`` exists and ``overwrite`` is False.
-    ValueError: if ``overwrite`` is True and ``directory`` exists but is not a
-      checkpoint (it is left untouched).
+    FileExistsError: if ``directory`` exists and ``overwrite`` is False, or
+      another process created it during the save (its content is kept).
+    TypeError: if ``state`` is a single array, or has leaves a checkpoint
+      cannot hold (strings, objects); the message names them.
+    ValueError: if ``state`` has no leaves; if a parent of ``directory`` is a
+      file; or if ``overwrite`` is True and ``directory`` exists (or a link
+      there points to a folder that) is not a checkpoint (it is left
+      untouched).
 
   Example:
     >>> import os, tempfile
@@ -198,6 +314,7 @@ def save_checkpoint(
 
   overwrite = checks.check_bool(overwrite, "overwrite")
   path = os.path.abspath(directory)
+  _check_state(state)
   replacing = os.path.lexists(path)
   if replacing and not overwrite:
     raise FileExistsError(
@@ -206,14 +323,11 @@ def save_checkpoint(
       "overwrite=True to replace the checkpoint there once the new one is "
       "complete."
     )
-  if replacing and not _looks_like_checkpoint(path):
-    raise ValueError(
-      f"`directory` {path!r} exists but holds no checkpoint; overwrite=True "
-      "only replaces a checkpoint, so it was left untouched. Pass another "
-      "folder."
-    )
+  if replacing:
+    path = _followed(path)
+  else:
+    _make_parent(path, os.path.abspath(directory))
   parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
   temporary = os.path.join(parent, f"{name}{_SAVING_SUFFIX}{uuid.uuid4().hex[:8]}")
   try:
     with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
@@ -223,8 +337,7 @@ def save_checkpoint(
     if replacing:
       _swap_in(temporary, path)
     else:
-      os.rename(temporary, path)
-      _fsync(parent)
+      _rename_new(temporary, path, overwrite)
   finally:
     _remove_tree(temporary)
     for leftover in glob.glob(glob.escape(temporary + _ORBAX_TMP_SUFFIX) + "*"):
@@ -438,6 +551,75 @@ def _raise_read_error(path: str, error: Exception) -> NoReturn:
   ) from error
 
 
+def _is_key(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _stored_as(leaf: Any) -> Any:
+  """The array Orbax stores for a leaf of ``target``: a key as its key data."""
+  import orbax.checkpoint as ocp
+
+  if isinstance(leaf, jax.ShapeDtypeStruct) and _is_key(leaf):
+    data = jax.eval_shape(jax.random.key_data, leaf)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
+  return ocp.utils.to_shape_dtype_struct(leaf)
+
+
+def _key_impl(leaf: Any) -> Any:
+  """The PRNG implementation of a typed key array or ShapeDtypeStruct."""
+  if isinstance(leaf, jax.Array):
+    return jax.random.key_impl(leaf)
+  for name in ("threefry2x32", "rbg", "unsafe_rbg"):
+    if jax.random.key(0, impl=name).dtype == leaf.dtype:
+      return name
+  return leaf.dtype._impl  # A custom implementation, registered by the user.
+
+
+def _keys_as_in_target(path: str, restored: Any, target: Any) -> Any:
+  """Checks that typed keys come back where ``target`` has them.
+
+  A typed key saved where ``target`` holds a raw ``uint32`` array is refused;
+  raw key data saved where ``target`` holds a typed key is wrapped in
+  ``target``'s implementation, bit for bit, with a warning.
+  """
+  problems, wrapped = [], []
+
+  def match(key_path: tuple[Any, ...], want: Any, got: Any) -> Any:
+    name = _leaf_name(key_path)
+    if _is_key(want) and not _is_key(got):
+      wrapped.append(name)
+      return jax.random.wrap_key_data(got, impl=_key_impl(want))
+    if _is_key(got) and not _is_key(want):
+      problems.append(
+        f"{name} is a typed PRNG key saved ({got.dtype}), an array of dtype "
+        f"{np.dtype(want.dtype) if hasattr(want, 'dtype') else type(want)} in "
+        "`target`"
+      )
+    elif _is_key(got) and got.dtype != want.dtype:
+      problems.append(f"{name} is a key of {got.dtype} saved, {want.dtype} in `target`")
+    return got
+
+  result = jax.tree_util.tree_map_with_path(match, target, restored)
+  if problems:
+    raise ValueError(
+      f"The checkpoint at {path!r} does not match `target`: {_listing(problems)}. "
+      "Pass a typed key where one was saved (e.g. jax.random.key(0), or "
+      "jax.random.wrap_key_data(raw) for a legacy uint32 key); restoring is "
+      "exact, so a typed key is never turned into raw key data."
+    )
+  if wrapped:
+    verb = "was" if len(wrapped) == 1 else "were"
+    warnings.warn(
+      f"restore_checkpoint: {_listing(wrapped)} {verb} saved as raw uint32 "
+      "key data where `target` holds typed keys; restored "
+      "as typed keys of `target`'s implementation (jax.random.wrap_key_data), "
+      "bit for bit.",
+      stacklevel=3,
+    )
+  return result
+
+
 def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
   """Restores a pytree saved by :func:`save_checkpoint` into ``target``'s shape.
 
@@ -448,10 +630,22 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
   Orbax reads are checked for.) Orbax's log messages are silenced, so a failed
   restore reports only the error raised here.
 
+  Typed PRNG keys are restored exactly as ``target`` holds them: a typed key
+  (``jax.random.key``, as in NSO's state) where a typed key of the same
+  implementation was saved. A legacy ``uint32`` key array in ``target`` where
+  a typed key was saved is refused with a ``ValueError`` naming the leaf
+  (converting would drop the key's implementation). Raw ``uint32`` key data
+  saved where ``target`` holds a typed key is wrapped in ``target``'s
+  implementation (:func:`jax.random.wrap_key_data`, bit for bit), with a
+  warning naming the leaves.
+
   Args:
     directory: where the checkpoint was written.
     target: a pytree with the structure, shapes and dtypes to restore, such as
-      a freshly created :class:`TrainState`; its values are not used.
+      a freshly created :class:`TrainState`; its values are not used. Its
+      leaves may be :class:`jax.ShapeDtypeStruct` (typed keys included), e.g.
+      ``jax.eval_shape(init_fn)``, so that no state is computed to restore
+      one.
 
   Returns:
     A pytree like ``target`` holding the saved values bit for bit.
@@ -460,7 +654,7 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
     FileNotFoundError: if ``directory`` does not exist.
     ValueError: if ``directory`` is not a complete, intact checkpoint (the
       message names the missing or damaged files), or if the saved arrays do
-      not match ``target`` (the message names them).
+      not match ``target`` (the message names them), a typed key included.
 
   Example:
     >>> import os, tempfile
@@ -482,7 +676,7 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
 
   path = os.path.abspath(directory)
   _check_checkpoint_folder(path)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = jax.tree.map(_stored_as, target)
   with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
     try:
       metadata = checkpointer.metadata(path)
@@ -492,9 +686,10 @@ def restore_checkpoint(directory: str | os.PathLike[str], target: Any) -> Any:
     if saved is not None:
       _check_matches(path, _leaves_by_name(saved), _leaves_by_name(abstract))
     try:
-      return checkpointer.restore(path, abstract)
+      restored = checkpointer.restore(path, abstract)
     except Exception as error:
       _raise_read_error(path, error)
+  return _keys_as_in_target(path, restored, target)
 
 
 _STEP_FOLDER = re.compile(r"[0-9]+")
@@ -603,8 +798,10 @@ class CheckpointManager:
       overwrite: replace an existing checkpoint of this step.
 
     Raises:
-      FileExistsError: if step ``step`` exists and ``overwrite`` is False.
-      TypeError, ValueError: if ``step`` is not a non-negative int.
+      FileExistsError: if step ``step`` exists and ``overwrite`` is False, or
+        another process saved it during this save (its checkpoint is kept).
+      TypeError, ValueError: if ``step`` is not a non-negative int, or as
+        :func:`save_checkpoint` for ``state`` and the folder.
     """
     save_checkpoint(self.step_directory(step), state, overwrite=overwrite)
     steps = self.all_steps()
@@ -615,7 +812,10 @@ class CheckpointManager:
   def _delete(self, step: int) -> None:
     path = self.step_directory(step)
     aside = f"{path}{_DELETING_SUFFIX}{uuid.uuid4().hex[:8]}"
-    os.rename(path, aside)
+    try:
+      os.rename(path, aside)
+    except FileNotFoundError:
+      return  # Another manager of the same folder deleted it first.
     _remove_tree(aside)
 
   def restore(self, target: Any, step: int | None = None) -> Any:
