@@ -23,6 +23,7 @@ import jax
 
 import nso_jax
 from nso_jax.app import experiments
+from nso_jax.app import interrupts
 from nso_jax.app import job
 from nso_jax.app import settings
 
@@ -118,9 +119,23 @@ def error_message(error: settings.SettingError, flags: dict[str, str] = FLAGS) -
 
 def interruption_message(written: Sequence[str]) -> str:
   """The line a Ctrl-C ends the command with, given the files already written."""
-  if not written:
-    return f"{PROGRAM}: interrupted; no results were written"
-  return f"{PROGRAM}: interrupted after writing {', '.join(written)}"
+  return interrupts.interruption_message(PROGRAM, written)
+
+
+DIVERGED = 3
+"""The exit status of a run whose results hold a NaN or an infinity."""
+
+
+def nonfinite_message(fields: dict[str, int], flags: dict[str, str] = FLAGS) -> str:
+  """The warning a run with non-finite results ends with (status 3)."""
+  shown = ", ".join(list(fields)[:3]) + (", ..." if len(fields) > 3 else "")
+  lr = flags.get("learning_rate", "--learning-rate")
+  return (
+    f"{PROGRAM}: warning: the run diverged: {sum(fields.values()):,} numbers "
+    f"of its results are NaN or infinite ({shown}); results.json has them as "
+    f'null, listed under "nonfinite", and no plots were drawn; try a smaller '
+    f"{lr} (exit status {DIVERGED})."
+  )
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -147,23 +162,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   Faults of the user's making end in one line on stderr rather than a
   traceback: a setting, data file or output folder that cannot be used
   (status 2), too little memory for the settings (status 1) and Ctrl-C
-  (status 130, after which no partial results remain). A traceback is left
-  to what would be a bug.
+  (status 130, after which no partial results remain). A run that diverged
+  (a NaN or an infinity among its results, e.g. at too large a learning
+  rate) writes its results, the non-finite values as ``null``, then warns
+  in one line and ends with status 3 (:data:`DIVERGED`). A traceback is
+  left to what would be a bug.
+
+  Called without ``argv`` (as the command), it first installs the process's
+  Ctrl-C handling (:func:`~nso_jax.app.interrupts.install_command_handler`):
+  Ctrl-C is then honoured within seconds at any time, with status 130 and
+  one line. With ``argv``, as in a test, SIGINT is only deferred to the
+  run's safe points.
   """
   flags = FLAGS
+  command = None
+  if argv is None:
+    command = interrupts.install_command_handler(PROGRAM)
   try:
     args = build_parser().parse_args(argv)
     if args.command == "experiment":
       flags = experiments.flags(args.experiment)
       chosen = experiments.settings_from_args(args.experiment, args)
-      experiments.run(args.experiment, chosen)
+      results = experiments.run(args.experiment, chosen)
     else:
-      job.run(config_from_args(args))
+      results = job.run(config_from_args(args))
   except settings.SettingError as error:
     print(error_message(error, flags), file=sys.stderr)
     return 2
   except KeyboardInterrupt as error:
-    if argv is None:
+    if command is not None:
+      command.handled()
       # The command is ending: a further Ctrl-C must not break its exit.
       with contextlib.suppress(ValueError):  # ValueError: not the main thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -175,4 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     detail = str(error).strip().partition("\n")[0] or type(error).__name__
     print(out_of_memory_message(detail, flags), file=sys.stderr)
     return 1
+  if "nonfinite" in results:
+    print(nonfinite_message(results["nonfinite"]["fields"], flags), file=sys.stderr)
+    return DIVERGED
   return 0

@@ -133,7 +133,10 @@ def run(config: Config, printer: Callable[[str], None] = print) -> dict[str, Any
 
   Returns:
     The results written to ``results.json``, plus the plot paths under
-    ``"plots"`` when ``config.plots``.
+    ``"plots"`` when ``config.plots``. ``results.json`` is strict JSON: a
+    NaN or an infinity (a diverged run) is written as ``null`` and listed
+    under ``"nonfinite"`` (see :func:`~nso_jax.app.output.strict_results`),
+    and no plots are drawn.
 
   Raises:
     SettingError: naming the Config field whose value the data cannot serve
@@ -190,24 +193,28 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
   rows, landscapes = _train_and_measure(config, data, context)
   context.safe_point()
   table = output.optimizer_table(rows)
-  results: dict[str, Any] = {
-    "config": settings_lib.as_json(config),
-    "data": {
-      "name": data.name,
-      "hessian_examples": min(config.hessian_samples, len(data.x_train)),
-      "train_examples": len(data.x_train),
-      "test_examples": len(data.x_test),
-      "features": int(data.x_train.shape[1]),
-      "classes": data.num_classes,
-    },
-    "environment": output.environment(),
-    "results": [row.to_json() for row in rows],
-    "landscape_seed0": landscapes.to_json(),
-    "table": table,
-    "seconds": context.seconds(),
-  }
+  results: dict[str, Any] = output.strict_results(
+    {
+      "config": settings_lib.as_json(config),
+      "data": {
+        "name": data.name,
+        "hessian_examples": min(config.hessian_samples, len(data.x_train)),
+        "train_examples": len(data.x_train),
+        "test_examples": len(data.x_test),
+        "features": int(data.x_train.shape[1]),
+        "classes": data.num_classes,
+      },
+      "environment": output.environment(),
+      "results": [row.to_json() for row in rows],
+      "landscape_seed0": landscapes.to_json(),
+      "table": table,
+      "seconds": context.seconds(),
+    }
+  )
   writers: dict[str, Callable[[str], None]] = {}
-  if config.plots:
+  # A diverged run's curves and landscapes cannot be drawn (nor be worth it).
+  plots = config.plots and "nonfinite" not in results
+  if plots:
     writers["curves.png"] = lambda path: output.draw_training_curves(rows, path)
     writers["spectrum.png"] = lambda path: output.draw_spectrum(rows, path)
     writers["landscape.png"] = lambda path: output.draw_landscape(
@@ -215,12 +222,12 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
     )
   writers["results.json"] = lambda path: output.write_json(results, path)
   paths = output.write_outputs(writers, config.output, written=context.written)
-  if config.plots:
+  if plots:
     results["plots"] = paths[:-1]
   context.printer(table)
   context.printer(
     f"wrote {paths[-1]}"
-    + ("" if not config.plots else " and " + ", ".join(paths[:-1]))
+    + ("" if not plots else " and " + ", ".join(paths[:-1]))
     + f" in {results['seconds']:.0f} s"
   )
   return results

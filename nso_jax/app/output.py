@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import nso_jax
+from nso_jax.app import interrupts
 from nso_jax.app.interrupts import RunContext
 from nso_jax.app.records import Difference
 from nso_jax.app.records import MethodResult
@@ -139,10 +140,54 @@ def environment() -> dict[str, str]:
   }
 
 
+NONFINITE_NOTE = (
+  "NaN or infinite values (a diverged run), written as null; field -> how many"
+)
+"""The note of the ``nonfinite`` entry :func:`strict_results` adds."""
+
+
+def _finite(value: Any, path: str, found: dict[str, int]) -> Any:
+  """``value`` with non-finite floats as ``None``, counted in ``found`` by field."""
+  if isinstance(value, Mapping):
+    return {
+      key: _finite(item, f"{path}.{key}" if path else str(key), found)
+      for key, item in value.items()
+    }
+  if isinstance(value, (list, tuple)):
+    rows = any(isinstance(item, Mapping) for item in value)
+    return [
+      _finite(item, f"{path}[{index}]" if rows else path, found)
+      for index, item in enumerate(value)
+    ]
+  if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    found[path] = found.get(path, 0) + 1
+    return None
+  return value
+
+
+def strict_results(results: Mapping[str, Any]) -> dict[str, Any]:
+  """``results`` as strict JSON allows: every NaN or infinity becomes ``null``.
+
+  When there are any, a ``nonfinite`` entry says so: ``{"note": ...,
+  "fields": {field path: count}}`` (list positions of numbers left out of
+  the path); :func:`nso_jax.app.cli.main` then warns and ends with status 3.
+  """
+  found: dict[str, int] = {}
+  clean = _finite(results, "", found)
+  if found:
+    clean["nonfinite"] = {"note": NONFINITE_NOTE, "fields": found}
+  return clean
+
+
 def write_json(results: Mapping[str, Any], path: str) -> None:
-  """Writes ``results`` to ``path`` as indented JSON."""
+  """Writes ``results`` to ``path`` as indented, strict JSON.
+
+  Raises:
+    ValueError: if ``results`` holds a NaN or an infinity (see
+      :func:`strict_results`): strict readers refuse them.
+  """
   with open(path, "w") as f:
-    json.dump(results, f, indent=1)
+    json.dump(results, f, indent=1, allow_nan=False)
 
 
 def write_text(text: str, path: str) -> None:
@@ -164,7 +209,8 @@ def write_outputs(
   once all are written are they moved into place with :func:`os.replace`
   (atomic within a folder), in the order of ``writers`` (put the results
   file last). A failure or an interruption before then leaves the folder as
-  it was; the temporary files are removed in every case.
+  it was; the temporary files are removed in every case. A Ctrl-C meanwhile
+  waits for the files (:func:`nso_jax.app.interrupts.writing`).
 
   Args:
     writers: file name -> the function that writes it to a given path.
@@ -181,28 +227,29 @@ def write_outputs(
   """
   names = list(writers)
   paths = [os.path.join(folder, name) for name in names]
-  temporary: dict[str, str] = {}
-  try:
-    for name in names:
-      temporary[name] = _new_temporary_file(folder, name)
-    for name in names:
-      writers[name](temporary[name])
-    for name, path in zip(names, paths, strict=True):
-      os.replace(temporary[name], path)
-      del temporary[name]
-      if written is not None:
-        written.append(path)
-  except OSError as error:
-    raise OutputError(
-      field,
-      f"cannot write the results into {folder!r} ({error.strerror or error}); "
-      f"{names[-1]} was not written; check the folder's free space and "
-      "permissions, or choose another.",
-    ) from None
-  finally:
-    for path in temporary.values():
-      with contextlib.suppress(OSError):
-        os.remove(path)
+  with interrupts.writing():  # an interruption waits for the files
+    temporary: dict[str, str] = {}
+    try:
+      for name in names:
+        temporary[name] = _new_temporary_file(folder, name)
+      for name in names:
+        writers[name](temporary[name])
+      for name, path in zip(names, paths, strict=True):
+        os.replace(temporary[name], path)
+        del temporary[name]
+        if written is not None:
+          written.append(path)
+    except OSError as error:
+      raise OutputError(
+        field,
+        f"cannot write the results into {folder!r} ({error.strerror or error}); "
+        f"{names[-1]} was not written; check the folder's free space and "
+        "permissions, or choose another.",
+      ) from None
+    finally:
+      for path in temporary.values():
+        with contextlib.suppress(OSError):
+          os.remove(path)
   return paths
 
 
@@ -320,15 +367,20 @@ def finish(
 ) -> dict[str, Any]:
   """Writes an experiment's files and prints its tables and the paths.
 
-  Writes ``plots`` (file name -> drawer), ``results.md`` and
-  ``results.json`` (last), all or nothing (:func:`write_outputs`).
+  Writes ``plots`` (file name -> drawer; none if the results hold a NaN or
+  an infinity), ``results.md`` and ``results.json`` (last), all or nothing
+  (:func:`write_outputs`).
 
   Returns:
     ``results`` with the ``seconds`` taken and the ``environment``, as
-    written to ``results.json``.
+    written to ``results.json`` (non-finite numbers as ``None``, listed
+    under ``nonfinite``: see :func:`strict_results`).
   """
-  document = {**results, "seconds": context.seconds(), "environment": environment()}
-  writers = dict(plots)
+  document = strict_results(
+    {**results, "seconds": context.seconds(), "environment": environment()}
+  )
+  # A diverged run's curves and bars cannot be drawn (nor be worth drawing).
+  writers = {} if "nonfinite" in document else dict(plots)
   writers["results.md"] = lambda path: write_text(markdown, path)
   writers["results.json"] = lambda path: write_json(document, path)
   paths = write_outputs(writers, folder, written=context.written)

@@ -153,6 +153,20 @@ def make_problem(settings: Settings, seed: int) -> Problem:
   return Problem(a, y, target, jax.random.normal(start_key, (d, d)))
 
 
+SEGMENT_WORK = 200_000_000
+"""The most measurement floats times steps one compiled segment runs.
+
+A segment is what runs between two safe points (where Ctrl-C is honoured);
+at the paper's sizes (``d = 100``, ``m = 1000``) a whole ``record_every``
+stretch of up to 20 steps is one segment.
+"""
+
+
+def segment_steps(settings: Settings) -> int:
+  """The steps of a segment: :data:`SEGMENT_WORK` bounds it, 1 at least."""
+  return max(1, SEGMENT_WORK // (settings.measurements * settings.dim**2))
+
+
 def make_runner(tx: optax.GradientTransformation, chunk: int, perturbed: bool):
   """``chunk`` steps of ``tx``, jitted.
 
@@ -162,20 +176,58 @@ def make_runner(tx: optax.GradientTransformation, chunk: int, perturbed: bool):
 
   @jax.jit
   def run_chunk(u, state, a, y, target):
-    grad_fn = functools.partial(jax.grad(loss_fn), batch=(a, y))
-
-    def step(carry, _):
-      u, state = carry
-      if perturbed:
-        updates, state = tx.update(None, state, u, grad_fn=grad_fn)
-      else:
-        updates, state = tx.update(grad_fn(u), state, u)
-      return (optax.apply_updates(u, updates), state), None
-
-    (u, state), _ = jax.lax.scan(step, (u, state), None, length=chunk)
+    u, state = _steps(tx, chunk, perturbed, u, state, a, y)
     return u, state, loss_fn(u, (a, y)), recovery_error(u, target)
 
   return run_chunk
+
+
+def _steps(tx, length: int, perturbed: bool, u, state, a, y):
+  """``length`` steps of ``tx`` from ``(u, state)``, as one scan."""
+  grad_fn = functools.partial(jax.grad(loss_fn), batch=(a, y))
+
+  def step(carry, _):
+    u, state = carry
+    if perturbed:
+      updates, state = tx.update(None, state, u, grad_fn=grad_fn)
+    else:
+      updates, state = tx.update(grad_fn(u), state, u)
+    return (optax.apply_updates(u, updates), state), None
+
+  (u, state), _ = jax.lax.scan(step, (u, state), None, length=length)
+  return u, state
+
+
+class Runner(NamedTuple):
+  """A method's ``every`` steps as segments, each compiled once.
+
+  Attributes:
+    advance: one segment, ``(u, state, a, y) -> (u, state)``, compiled once
+      (``None`` when the stretch is a single segment).
+    leads: the calls of ``advance`` before the last segment.
+    finish: the last segment and the curve point (see :func:`make_runner`).
+  """
+
+  advance: Callable[..., Any] | None
+  leads: int
+  finish: Callable[..., Any]
+
+
+def make_segments(
+  tx: optax.GradientTransformation, every: int, segment: int, perturbed: bool
+) -> Runner:
+  """``every`` steps of ``tx`` in segments of at most ``segment`` steps.
+
+  When ``every <= segment`` the stretch is one compiled call, as
+  :func:`make_runner` builds it; else it is ``every // segment`` calls of
+  one compiled segment, the last of which (or the remainder) also gives the
+  curve point: two programs at most, whatever the number of steps.
+  """
+  if every <= segment:
+    return Runner(None, 0, make_runner(tx, every, perturbed))
+  rest = every % segment or segment
+  advance = jax.jit(functools.partial(_steps, tx, segment, perturbed))
+  return Runner(advance, (every - rest) // segment, make_runner(tx, rest, perturbed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +240,8 @@ class Method:
     steps: the steps it runs.
     per_step: gradient evaluations per step.
     tx: its transformation (``None``: it is the start of another's run).
-    runner: ``record_every`` steps of it, jitted (see :func:`make_runner`).
+    runner: ``record_every`` steps of it, in compiled segments (see
+      :func:`make_segments`).
   """
 
   name: str
@@ -196,7 +249,7 @@ class Method:
   steps: int
   per_step: int
   tx: Any = None
-  runner: Callable[..., Any] | None = None
+  runner: Runner | None = None
 
 
 def methods(settings: Settings) -> tuple[Method, Method, Method]:
@@ -209,6 +262,7 @@ def methods(settings: Settings) -> tuple[Method, Method, Method]:
   gd = optax.sgd(settings.learning_rate)
   nso = nso_jax.nso(gd, settings.sigma, k, key=0)
   every = settings.record_every
+  segment = segment_steps(settings)
   return (
     Method("gd", "GD", settings.steps, 1),
     Method(
@@ -217,7 +271,7 @@ def methods(settings: Settings) -> tuple[Method, Method, Method]:
       2 * k * settings.steps,
       1,
       gd,
-      make_runner(gd, every, perturbed=False),
+      make_segments(gd, every, segment, perturbed=False),
     ),
     Method(
       "nso",
@@ -225,7 +279,7 @@ def methods(settings: Settings) -> tuple[Method, Method, Method]:
       settings.steps,
       2 * k,
       nso,
-      make_runner(nso, every, perturbed=True),
+      make_segments(nso, every, segment, perturbed=True),
     ),
   )
 
@@ -238,25 +292,44 @@ def train(
   every: int,
   chunk: int,
   advance: Callable[..., None],
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """Runs ``method`` from ``u0``: ``u`` after ``chunk`` chunks, final ``u``, curves."""
-  assert method.tx is not None and method.runner is not None
+  safe_point: Callable[[], None] = lambda: None,
+) -> tuple[jax.Array, jax.Array, dict[str, np.ndarray]]:
+  """Runs ``method`` from ``u0``: ``u`` after ``chunk`` points, final ``u``, curves.
+
+  ``safe_point`` is called after every segment, with at most one more
+  segment queued on the device: Ctrl-C is honoured within a segment or two.
+  The curve points, one per ``every`` steps, are gathered on the host.
+  """
+  runner = method.runner
+  assert method.tx is not None and runner is not None
   state = method.tx.init(u0)
   if method.per_step > 1:
     key = jax.random.fold_in(jax.random.key(seed), 3)
     state = optax.tree_utils.tree_set(state, key=key)
-  u, losses, errors, snapshot = u0, [], [], u0
+  u, snapshot, points, pending = u0, u0, [], None
   for index in range(method.steps // every):
-    u, state, loss, error = method.runner(
+    for _ in range(runner.leads):
+      u, state = runner.advance(u, state, problem.a, problem.y)
+      pending = _wait(pending, u, safe_point)
+    u, state, loss, error = runner.finish(
       u, state, problem.a, problem.y, problem.target
     )
-    losses.append(loss)
-    errors.append(error)
+    pending = _wait(pending, (loss, error), safe_point)
+    points.append((loss, error))
     if index + 1 == chunk:
       snapshot = u
     advance()
-  curves = {"train_loss": jnp.stack(losses), "recovery_error": jnp.stack(errors)}
+  jax.block_until_ready(pending)
+  values = np.asarray(jax.device_get(points), dtype=np.float32).reshape(-1, 2)
+  curves = {"train_loss": values[:, 0], "recovery_error": values[:, 1]}
   return snapshot, u, curves
+
+
+def _wait(previous: Any, new: Any, safe_point: Callable[[], None]) -> Any:
+  """Waits for ``previous`` (so one call stays queued), then a safe point."""
+  jax.block_until_ready(previous)
+  safe_point()
+  return new
 
 
 class _Recorder:
@@ -273,7 +346,7 @@ class _Recorder:
     values = {k: v[0] for k, v in measures.curvature_metrics([curvature]).items()}
     values["final_train_loss"] = values["measured_loss"]
     values["recovery_error"] = float(recovery_error(u, problem.target))
-    values["best_recovery_error"] = float(jnp.min(curve["recovery_error"]))
+    values["best_recovery_error"] = float(np.min(curve["recovery_error"]))
     values["factor_norm"] = float(jnp.linalg.norm(u))
     for metric, value in values.items():
       self.per_seed[name].setdefault(metric, []).append(value)
@@ -300,14 +373,18 @@ def run_scale(
     problem = make_problem(settings, seed)
     u0 = scale * problem.start
     start = time.perf_counter()
-    middle, u, curve = train(gd_long, problem, u0, seed, every, chunks, advance)
+    middle, u, curve = train(
+      gd_long, problem, u0, seed, every, chunks, advance, context.safe_point
+    )
     recorder.record(
       gd.name, middle, {k: v[:chunks] for k, v in curve.items()}, seed, problem
     )
     recorder.record(gd_long.name, u, curve, seed, problem)
     seconds[gd_long.name] += time.perf_counter() - start
     start = time.perf_counter()
-    _, u, curve = train(nso, problem, u0, seed, every, chunks, advance)
+    _, u, curve = train(
+      nso, problem, u0, seed, every, chunks, advance, context.safe_point
+    )
     recorder.record(nso.name, u, curve, seed, problem)
     seconds[nso.name] += time.perf_counter() - start
     context.safe_point()
@@ -332,6 +409,10 @@ def run(settings: Settings, context: RunContext) -> dict[str, Any]:
   :func:`nso_jax.app.experiments.run`)."""
   output.prepare_output(settings.output)
   plan = methods(settings)
+  context.printer(
+    f"matrix-sensing: training {', '.join(m.label for m in plan[1:])} on "
+    f"{settings.seeds} seed(s) x {len(settings.init_scales)} init scale(s)"
+  )
   groups = []
   with output.ProgressBars(settings.progress) as progress:
     for scale in settings.init_scales:
