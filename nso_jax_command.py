@@ -9,9 +9,12 @@ line; :func:`nso_jax.app.cli.main` then installs the command's own (see
 :mod:`nso_jax.app.interrupts`).
 """
 
+import atexit
+import contextlib
 import os
 import signal
 import sys
+from typing import NoReturn
 
 
 def _interrupted(signum, frame) -> None:
@@ -21,12 +24,23 @@ def _interrupted(signum, frame) -> None:
   os._exit(130)
 
 
-def main() -> int:
-  """Runs the ``nso-jax`` command; returns its exit status."""
+def main() -> NoReturn:
+  """Runs the ``nso-jax`` command and ends the process with its exit status.
+
+  The process ends here, once the exit functions have run and the output is
+  flushed, rather than in the interpreter's teardown of JAX, during which
+  Python restores the default SIGINT action (a Ctrl-C there would kill the
+  process with no message).
+  """
   signal.signal(signal.SIGINT, _interrupted)
   from nso_jax.app import cli
 
-  return cli.main()
+  status = cli.main()
+  atexit._run_exitfuncs()
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":

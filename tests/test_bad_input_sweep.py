@@ -256,6 +256,29 @@ ENTRY_POINTS = {
   ),
 }
 
+# Faults once reported, each a case of the sweep marked as the fault sweep's:
+# a clear error naming the argument.
+FLOAT8 = jnp.ones(4, jnp.float8_e4m3fn)
+ONE_ARGUMENT = lambda path: True  # param_filter takes (path, leaf)
+REPORTED = {
+  "noise_stability": dict(param_filter=[ONE_ARGUMENT]),
+  "nso": dict(param_filter=[ONE_ARGUMENT]),
+  "noise_stability_gradient": dict(
+    grad_fn=[5], params=[FLOAT8, {"w": W, "e": FLOAT8}], param_filter=[ONE_ARGUMENT]
+  ),
+  "noise_resolution": dict(params=[FLOAT8]),
+  "sample_noise": dict(tree=[FLOAT8]),
+  "sum_indices": dict(fn=[5], size=[2**31]),
+  "map_indices": dict(fn=[None], size=[2**40]),
+  "trace": dict(loss_fn=[5], params=[FLOAT8], param_filter=[ONE_ARGUMENT]),
+  "hessian_operator": dict(loss_fn=["loss"], param_filter=[ONE_ARGUMENT]),
+  "ggn_operator": dict(model_fn=[5], per_example_loss=[None]),
+  "hutchinson": dict(matvec=[5], template=[FLOAT8]),
+  "lanczos_eigenvalues": dict(matvec=[None]),
+  "lanczos_tridiag": dict(matvec=[5]),
+  "power_iteration": dict(matvec=[5]),
+}
+
 # The argument a message must name, where it is not the argument itself.
 NAMED_AS = {
   ("trace", "params"): "`params`",
@@ -269,9 +292,18 @@ NAMED_AS = {
   ("top_eigenvalues", "num_steps"): "`num_steps`",
 }
 
+FAULT = pytest.mark.fault("clear")
+
 CASES = [
   pytest.param(name, argument, bad, id=f"{name}-{argument}-{index}")
   for name, (_, _, bad_values) in ENTRY_POINTS.items()
+  for argument, values in bad_values.items()
+  for index, bad in enumerate(values)
+] + [
+  pytest.param(
+    name, argument, bad, id=f"{name}-{argument}-reported-{index}", marks=FAULT
+  )
+  for name, bad_values in REPORTED.items()
   for argument, values in bad_values.items()
   for index, bad in enumerate(values)
 ]

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -63,6 +65,11 @@ MAX_UNROLLED = 512
 # On accelerators "auto" batches at most this many evaluations with vmap (NSO's
 # few pairs); more (100 trace probes) would hold all their activations at once.
 MAX_AUTO_VMAPPED = 16
+# Indices are int32.
+MAX_SIZE = 2**31 - 1
+# The memory a batch of evaluations may fill where neither the device nor the
+# host reports its size (see memory_bound).
+DEFAULT_MEMORY_BOUND = 64 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +243,85 @@ def computes_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
   return _uses_primitive(jaxpr, "conv_general_dilated")
 
 
+@functools.cache
+def _memory_of(backend: str) -> int:
+  try:
+    stats = jax.local_devices(backend=backend)[0].memory_stats() or {}
+  except (RuntimeError, ValueError, IndexError, NotImplementedError):
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if backend == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+      pass
+  return DEFAULT_MEMORY_BOUND
+
+
+def memory_bound(backend: str | None = None) -> int:
+  """The bytes a batch of evaluations may fill on one device of ``backend``.
+
+  The device's memory where it reports one (``bytes_limit`` of
+  ``memory_stats()``, GPUs and TPUs), the host's physical memory on CPU, else
+  :data:`DEFAULT_MEMORY_BOUND` (64 GiB). Asked once per backend.
+  """
+  return _memory_of(backend or jax.default_backend())
+
+
+def _nbytes(aval: Any) -> int:
+  try:
+    return math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+  except (AttributeError, TypeError):  # tokens, PRNG key types
+    return 0
+
+
+def evaluation_bytes(closed: Any) -> int:
+  """The estimated bytes one evaluation adds to a ``"vmap"`` batch.
+
+  From shapes only: the larger of the evaluation's outputs and its largest
+  value that depends on the index (a perturbed copy of the parameters, a
+  probe's product), at the top level of ``closed``, a closed jaxpr of one
+  index. A batch of ``n`` evaluations holds ``n`` of each at once.
+  """
+  jaxpr = closed.jaxpr
+  dependent = set(jaxpr.invars)
+  largest = 0
+  for eqn in jaxpr.eqns:
+    if any(not hasattr(v, "val") and v in dependent for v in eqn.invars):
+      for out in eqn.outvars:
+        dependent.add(out)
+        largest = max(largest, _nbytes(out.aval))
+  outputs = sum(_nbytes(v.aval) for v in jaxpr.outvars if not hasattr(v, "val"))
+  return max(largest, outputs)
+
+
+def _format_bytes(num: int) -> str:
+  for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if num >= scale:
+      return f"{num / scale:.1f} {unit}"
+  return f"{num} bytes"
+
+
+def _fit_in_memory(
+  strategy: str, chunk: int, requested: Execution, local_size: int, per: int
+) -> tuple[str, int]:
+  """``(strategy, chunk)`` with a batch that fits :func:`memory_bound`.
+
+  An automatic choice (``"auto"``, or ``"host"`` inside a trace) falls back
+  to ``"map"`` over chunks that fit, and its default chunk shrinks to fit; an
+  explicit ``"vmap"`` is left to :func:`resolve` to refuse.
+  """
+  bound = memory_bound()
+  fits = max(1, bound // max(per, 1))
+  automatic = requested.strategy in ("auto", "host")
+  if automatic and strategy == "vmap" and local_size * per > bound:
+    return "map", min(fits, local_size)
+  if automatic and strategy == "map" and requested.chunk_size is None:
+    return strategy, min(chunk, fits)
+  return strategy, chunk
+
+
 class Resolved(NamedTuple):
   """An :class:`Execution` resolved for ``size`` evaluations on this device."""
 
@@ -248,7 +334,11 @@ class Resolved(NamedTuple):
 
 
 def resolve(
-  execution: ExecutionLike, size: int, fn: Callable[[jax.Array], Any] | None = None
+  execution: ExecutionLike,
+  size: int,
+  fn: Callable[[jax.Array], Any] | None = None,
+  *,
+  size_name: str = "size",
 ) -> Resolved:
   """Resolves ``execution`` for ``size`` evaluations of ``fn``: the one place.
 
@@ -258,15 +348,35 @@ def resolve(
   eagerly, none of the values it closes over being a tracer (without it, it
   is taken not to convolve, and to be traced). ``"host"`` where the work is
   traced falls back to what ``"auto"`` decides there.
+
+  A batch must fit in memory (:func:`memory_bound`, estimated from shapes
+  by :func:`evaluation_bytes`): an explicit ``"vmap"`` that would not is
+  refused, naming ``size_name`` (the count argument of the caller); an
+  automatic choice runs ``"map"`` over chunks that fit instead.
+
+  Raises:
+    ValueError: for an explicit ``"vmap"`` of ``size`` evaluations whose
+      estimated memory exceeds :func:`memory_bound`, or an ``"unroll"`` of
+      more than ``MAX_UNROLLED``.
   """
   execution = as_execution(execution)
-  size = checks.check_positive_int(size, "size")
+  size = checks.check_positive_int(size, size_name)
+  if size > MAX_SIZE:
+    raise ValueError(
+      f"`{size_name}` asks for {size} evaluations; their indices are int32, "
+      f"so at most {MAX_SIZE} (2**31 - 1) run in one call."
+    )
   axes = mesh.check_axis_name(execution.axis, "execution.axis")
   num_devices = mesh.axis_size(axes)
   local_size = -(-size // num_devices)
   strategy = execution.strategy
+  closed = None
+  if fn is not None and (
+    strategy in ("auto", "host") or (strategy == "vmap" and local_size > 1)
+  ):
+    # Shapes only: to find convolutions, an eager call and the batch's memory.
+    closed = jax.make_jaxpr(fn)(jnp.int32(0))
   if strategy in ("auto", "host"):
-    closed = None if fn is None else jax.make_jaxpr(fn)(jnp.int32(0))
     eager = closed is not None and not axes and is_concrete(closed.consts)
     if strategy == "auto" or not eager:
       convolutional = closed is not None and _uses_primitive(
@@ -293,8 +403,26 @@ def resolve(
       f"most {MAX_UNROLLED}, or use 'map' (memory of one chunk) or 'vmap'."
     )
   chunk = min(execution.chunk_size or default_chunk_size(), local_size)
+  if closed is not None:
+    per = evaluation_bytes(closed)
+    strategy, chunk = _fit_in_memory(strategy, chunk, execution, local_size, per)
+    if strategy == "vmap" and local_size * per > memory_bound():
+      _refuse_vmap(size_name, size, local_size, per)
   concrete = cast(Literal["vmap", "map", "unroll"], strategy)
   return Resolved(concrete, chunk, axes, num_devices, size, local_size)
+
+
+def _refuse_vmap(size_name: str, size: int, local_size: int, per: int) -> None:
+  bound = memory_bound()
+  chunk = max(1, bound // max(per, 1))
+  raise ValueError(
+    f"`execution`='vmap' would run {size} evaluations (`{size_name}`) at "
+    f"once: an estimated {_format_bytes(local_size * per)} on a device "
+    f"({_format_bytes(per)} each), beyond the {_format_bytes(bound)} of "
+    "memory there. Run them in chunks with "
+    f"execution=batching.Execution('map', chunk_size={min(chunk, 16)}), "
+    f"or lower `{size_name}`."
+  )
 
 
 def describe(
@@ -454,6 +582,7 @@ def sum_indices(
     >>> batching.sum_indices(lambda i: i**2, 4, execution=batching.Execution("map", 3))
     Array(14, dtype=int32)
   """
+  checks.check_callable(fn, "fn", "(index) -> pytree of arrays")
   resolved = resolve(execution, size, fn)
   return mesh.psum_varying(partial_sum(fn, resolved), resolved.axes)
 
@@ -510,6 +639,7 @@ def map_indices(
     >>> batching.map_indices(lambda i: 2 * i, 3, execution="vmap")
     Array([0, 2, 4], dtype=int32)
   """
+  checks.check_callable(fn, "fn", "(index) -> pytree of arrays")
   return map_resolved(fn, resolve(execution, size, fn))
 
 

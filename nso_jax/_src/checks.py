@@ -9,6 +9,7 @@ raises :class:`ValueError`; a pytree leaf that is not floating point raises
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Sequence
@@ -20,6 +21,16 @@ import numpy as np
 
 PyTree = Any
 KeyLike = Any  # an int seed, a typed key array, or a legacy uint32[2] key
+
+# Why a parameter leaf must be floating point: one rule, and one message, for
+# NSO and the Hessian tools alike.
+FLOAT_PARAMS = (
+  "only floating-point parameters are perturbed and differentiated; exclude "
+  "the others with `param_filter` (an excluded leaf may have any dtype)"
+)
+# The floating-point dtypes nso_jax computes with; narrower floats (float8,
+# float4) have no implicit promotion to the float32 its sums run in.
+SUPPORTED_FLOATS = ("bfloat16", "float16", "float32", "float64")
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
@@ -76,6 +87,53 @@ def canonicalize_key(key: KeyLike, name: str = "key") -> jax.Array:
     f"`{name}` must be an int seed, a typed key from jax.random.key, or a "
     f"uint32[2] key from jax.random.PRNGKey; got {key!r}."
   )
+
+
+def check_callable(value: Any, name: str, expected: str) -> Any:
+  """Returns ``value`` if it is callable, else raises a TypeError.
+
+  Args:
+    value: the argument.
+    name: the argument's name, for the error message.
+    expected: its signature, e.g. ``"(params) -> grads"``.
+  """
+  if not callable(value):
+    raise TypeError(f"`{name}` must be a function {expected}, got {describe(value)}.")
+  return value
+
+
+def check_signature(value: Any, name: str, num_args: int, expected: str) -> Any:
+  """Checks that ``value`` is callable and accepts ``num_args`` positional arguments.
+
+  A callable whose signature Python cannot read (some builtins) passes: it is
+  found out when called.
+
+  Raises:
+    TypeError: if ``value`` is not callable, or cannot take ``num_args``
+      positional arguments.
+  """
+  check_callable(value, name, expected)
+  try:
+    signature = inspect.signature(value)
+  except (TypeError, ValueError):
+    return value
+  try:
+    signature.bind(*range(num_args))
+  except TypeError as error:
+    raise TypeError(
+      f"`{name}` must be a function {expected}, taking {num_args} positional "
+      f"argument(s); got {getattr(value, '__qualname__', type(value).__name__)}"
+      f"{signature}: {error}."
+    ) from None
+  return value
+
+
+def describe(value: Any) -> str:
+  """A short description of ``value`` for an error message: its type and repr."""
+  text = repr(value)
+  if len(text) > 80:
+    text = text[:77] + "..."
+  return f"{type(value).__name__} {text}"
 
 
 def check_choice(value: Any, choices: Sequence[Any], name: str) -> Any:
@@ -168,6 +226,37 @@ def check_scalar(
   return value
 
 
+def nan_unless_valid(
+  value: Any, *, minimum: float = -math.inf, maximum: float = math.inf
+) -> Any:
+  """The run-time policy for a traced scalar setting: NaN where it is invalid.
+
+  A setting known only at run time (injected by ``optax.inject_hyperparams``,
+  a schedule's later value, an argument traced by ``jit``) cannot be refused
+  by :func:`check_scalar`; outside ``[minimum, maximum]`` or not finite, it
+  becomes NaN, so that what is computed from it is NaN, never a silently
+  different result (a negative noise scale acting as its absolute value).
+  NSO's ``sigma`` and ``clean_weight`` and the measures' noise scale all
+  follow it. A concrete value is returned unchanged (it was checked).
+
+  Args:
+    value: the setting, checked by :func:`check_scalar` when concrete.
+    minimum: the smallest valid value.
+    maximum: the largest valid value.
+
+  Returns:
+    ``value``, or NaN in its dtype where a traced ``value`` is invalid.
+  """
+  if not is_traced(value):
+    return value
+  valid = jnp.isfinite(value)
+  if maximum < math.inf:
+    valid = (value <= maximum) & valid
+  if minimum > -math.inf:
+    valid = (value >= minimum) & valid
+  return jnp.where(valid, value, jnp.nan)
+
+
 def tree_all(predicate: Any, tree: PyTree) -> jax.Array:
   """Whether ``predicate(leaf)`` (a boolean array) holds everywhere in ``tree``.
 
@@ -181,6 +270,22 @@ def same_structure(a: PyTree, b: PyTree) -> bool:
   """Whether two pytrees have the same structure (node types and keys)."""
   # jaxlib's PyTreeDef has no type stub: its comparison is untyped.
   return bool(jax.tree.structure(a) == jax.tree.structure(b))  # type: ignore[operator]
+
+
+def check_supported_float(dtype: Any, what: str) -> None:
+  """Raises a TypeError for a floating-point dtype nso_jax does not compute in.
+
+  Args:
+    dtype: a floating-point dtype.
+    what: what has it, e.g. "`params` leaf ['w']".
+  """
+  if jnp.dtype(dtype).name not in SUPPORTED_FLOATS:
+    raise TypeError(
+      f"{what} has dtype {jnp.dtype(dtype).name}, which is not supported: "
+      f"nso_jax computes in {', '.join(SUPPORTED_FLOATS)} (8-bit and 4-bit "
+      "floats have no implicit promotion to the float32 its sums run in). "
+      "Keep float32 master weights and cast them inside the loss."
+    )
 
 
 def check_float_tree(tree: PyTree, name: str, purpose: str) -> list[Any]:
@@ -216,4 +321,5 @@ def check_float_tree(tree: PyTree, name: str, purpose: str) -> list[Any]:
       ) from None
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"`{name}` leaf {where} has dtype {dtype}; {purpose}.")
+    check_supported_float(dtype, f"`{name}` leaf {where}")
   return [leaf for _, leaf in leaves_with_path]

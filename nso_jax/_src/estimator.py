@@ -72,9 +72,10 @@ def make_estimator(
 
 def check_param_filter(param_filter: Any) -> selection.ParamFilter:
   """Checks the kind of ``param_filter``; its fit to ``params`` is checked later."""
-  if param_filter is None or (
-    callable(param_filter) and jax.tree_util.all_leaves([param_filter])
-  ):
+  if param_filter is None:
+    return param_filter
+  if callable(param_filter) and jax.tree_util.all_leaves([param_filter]):
+    selection.check_filter_signature(param_filter)
     return param_filter
   for flag in jax.tree.leaves(param_filter):
     if not isinstance(flag, (bool, np.bool_)):
@@ -114,11 +115,14 @@ def estimate(
     ``grad_fn`` returned at the perturbed weights (``None`` when it returns
     gradients only), each in the dtype ``grad_fn`` returns.
   """
-  has_value, value_shapes, grad_shapes = gradient_shapes(grad_fn, params)
+  perturbed = selection.selection_mask(params, settings.param_filter)
+  has_value, value_shapes, grad_shapes = gradient_shapes(grad_fn, params, perturbed)
   if settings.data_axes:  # bound here: inside the mapped function
     mesh.check_axis_name(settings.data_axes, "data_axis")
-  perturbed = selection.selection_mask(params, settings.param_filter)
   leaves, treedef = jax.tree.flatten(params)
+  # Excluded non-float leaves get no noise and no gradient (zeros).
+  frozen = selection.frozen_leaves(params, perturbed)
+  noise_params = selection.stand_in_frozen(params, frozen)
   if checks.is_traced(sigma):
     # A run-time sigma is checked where it is used: an invalid one gives NaN,
     # never a silently different step (a negative sigma would act as |sigma|).
@@ -135,17 +139,25 @@ def estimate(
     # all-reduce the gradient of every evaluation on its own.
     w = jax.tree.map(lambda x: mesh.mark_varying(x, settings.data_axes), w)
     out = grad_fn(jax.tree.unflatten(treedef, w))
-    return _to_accumulator(out if has_value else (None, out))
+    value, grads = out if has_value else (None, out)
+    return _to_accumulator((value, selection.stand_in_frozen(grads, frozen)))
 
   def pair_sum(index: jax.Array) -> tuple[Any, Any]:
-    z = noise_lib.sample_noise(jax.random.fold_in(key, index), params, settings.noise)
+    z = noise_lib.sample_noise(
+      jax.random.fold_in(key, index), noise_params, settings.noise
+    )
     u = [zi * jnp.asarray(sigma, zi.dtype) for zi in jax.tree.leaves(z)]
     total = evaluate(jnp.add, u)
     if not settings.one_sided:
       total = jax.tree.map(jnp.add, total, evaluate(jnp.subtract, u))
     return total
 
-  resolved = batching.resolve(settings.execution, settings.num_perturbations, pair_sum)
+  resolved = batching.resolve(
+    settings.execution,
+    settings.num_perturbations,
+    pair_sum,
+    size_name="num_perturbations",
+  )
   value_sum, grad_sum = mesh.psum_varying(
     batching.partial_sum(pair_sum, resolved), settings.data_axes + resolved.axes
   )
@@ -153,11 +165,22 @@ def estimate(
   scale = 1.0 / (num_evaluations * mesh.axis_size(settings.data_axes))
   mean = lambda total, shape: (total * scale).astype(shape.dtype)
   value = jax.tree.map(mean, value_sum, value_shapes) if has_value else None
-  return value, jax.tree.map(mean, grad_sum, grad_shapes)
+  grad_leaves = [
+    selection.zeros_like_shape(shape) if is_frozen else mean(total, shape)
+    for total, shape, is_frozen in zip(
+      jax.tree.leaves(grad_sum), jax.tree.leaves(grad_shapes), frozen, strict=True
+    )
+  ]
+  return value, jax.tree.unflatten(jax.tree.structure(grad_shapes), grad_leaves)
 
 
-def gradient_shapes(grad_fn: GradFn, params: Any) -> tuple[bool, Any, Any]:
+def gradient_shapes(
+  grad_fn: GradFn, params: Any, perturbed: list[bool] | None = None
+) -> tuple[bool, Any, Any]:
   """Traces ``grad_fn`` once and checks what it returns.
+
+  The perturbed leaves (``perturbed``, all by default) must be floating
+  point; an excluded leaf may have any dtype, and its gradient too.
 
   ``grad_fn`` returns gradients, with the structure of ``params``, or
   ``(value, grads)`` as :func:`jax.value_and_grad` does. The two cannot be
@@ -169,11 +192,10 @@ def gradient_shapes(grad_fn: GradFn, params: Any) -> tuple[bool, Any, Any]:
     Whether ``grad_fn`` returns a value, and the shapes of the value
     (``None`` without) and of the gradients.
   """
+  checks.check_callable(grad_fn, "grad_fn", "(params) -> grads")
+  perturbed = perturbed or [True] * len(jax.tree.leaves(params))
   checks.check_float_tree(
-    params,
-    "params",
-    "noise can only perturb floating-point "
-    "parameters; keep non-trainable integer state out of them",
+    selection.select_by_mask(params, perturbed), "params", checks.FLOAT_PARAMS
   )
   out = jax.eval_shape(grad_fn, params)
   if checks.same_structure(out, params):
@@ -195,14 +217,18 @@ def gradient_shapes(grad_fn: GradFn, params: Any) -> tuple[bool, Any, Any]:
         "the value returned by `grad_fn` is averaged over perturbations, so "
         f"its leaves must be floating point; got a leaf of dtype {leaf.dtype}."
       )
-  _check_gradient_leaves(grad_shapes, params)
+  _check_gradient_leaves(grad_shapes, params, perturbed)
   return has_value, value_shapes, grad_shapes
 
 
-def _check_gradient_leaves(grad_shapes: Any, params: Any) -> None:
-  for (path, g), p in zip(
+def _check_gradient_leaves(
+  grad_shapes: Any, params: Any, perturbed: list[bool]
+) -> None:
+  frozen = selection.frozen_leaves(params, perturbed)
+  for (path, g), p, is_frozen in zip(
     jax.tree_util.tree_leaves_with_path(grad_shapes),
     jax.tree.leaves(params),
+    frozen,
     strict=True,
   ):
     where = jax.tree_util.keystr(path) or "(root)"
@@ -211,7 +237,7 @@ def _check_gradient_leaves(grad_shapes: Any, params: Any) -> None:
         f"`grad_fn(params)` returned a gradient of shape {g.shape} at {where} "
         f"for a parameter of shape {jnp.shape(p)}."
       )
-    if not jnp.issubdtype(g.dtype, jnp.floating):
+    if not is_frozen and not jnp.issubdtype(g.dtype, jnp.floating):
       raise TypeError(
         f"`grad_fn(params)` returned a gradient of dtype {g.dtype} at {where}; "
         "gradients are averaged, so they must be floating point (an integer "

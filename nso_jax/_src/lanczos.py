@@ -170,6 +170,7 @@ def lanczos_tridiag(
     >>> jnp.linalg.eigvalsh(t + jnp.diag(result.off_diagonal, -1)).round(4)
     Array([1., 2., 3., 4., 5., 6.], dtype=float32)
   """
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   result, _ = _tridiag_in_graph(matvec, v0, num_steps, key)
   return result
 
@@ -422,6 +423,7 @@ def lanczos_ritz(
   """
   which = checks.check_choice(which, WHICH, "which")
   operators.check_template(template)
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   operator = operators.flatten_operator(matvec, template)
   k = checks.check_positive_int(num_eigenvalues, "num_eigenvalues")
   if k > operator.dim:
@@ -506,6 +508,7 @@ def power_iteration(
     raise ValueError("`tol` must be a concrete float >= 0, got a traced value.")
   checks.check_scalar(tol, "tol", minimum=0.0)
   operators.check_template(template)
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   start = noise_lib.sample_noise(
     checks.canonicalize_key(key), template, jax.random.normal
   )
@@ -608,6 +611,7 @@ def stochastic_lanczos_quadrature(
   num_steps = checks.check_positive_int(num_steps, "num_steps")
   grid = _check_grid(grid)
   operators.check_template(template)
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   operator = operators.flatten_operator(matvec, template)
   num_steps = min(num_steps, operator.dim)
   key = checks.canonicalize_key(key)

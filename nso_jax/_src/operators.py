@@ -312,10 +312,9 @@ def hessian_operator(
     >>> operator.matvec(jnp.ones(3)) * 3 / 2  # equals X^T X v for the full X
     Array([1., 1., 1.], dtype=float32)
   """
+  checks.check_callable(loss_fn, "loss_fn", "(params, batch) -> scalar loss")
   selected, merge = selection.select(params, param_filter)
-  checks.check_float_tree(
-    selected, "params", f"{CURVATURE_LEAVES} (exclude the others with `param_filter`)"
-  )
+  checks.check_float_tree(selected, "params", checks.FLOAT_PARAMS)
   plan = data_plans.make_plan(data)
   restricted_loss = lambda sub, batch: loss_fn(merge(sub), batch)
   _check_scalar_loss(
@@ -420,10 +419,12 @@ def ggn_operator(
     >>> operator.matvec(jnp.array([1.0, 0.0]))  # X^T X / n
     Array([0.5, 0. ], dtype=float32)
   """
-  selected, merge = selection.select(params, param_filter)
-  checks.check_float_tree(
-    selected, "params", f"{CURVATURE_LEAVES} (exclude the others with `param_filter`)"
+  checks.check_callable(model_fn, "model_fn", "(params, batch) -> outputs")
+  checks.check_callable(
+    per_example_loss, "per_example_loss", "(outputs, batch) -> per-example losses"
   )
+  selected, merge = selection.select(params, param_filter)
+  checks.check_float_tree(selected, "params", checks.FLOAT_PARAMS)
   plan = data_plans.make_plan(data)
   restricted_model = lambda sub, batch: model_fn(merge(sub), batch)
 

@@ -214,7 +214,8 @@ def noise_stability_measure(
       value = 0.5 * (value + mean_loss(shifted(z, -scale)))
     return value
 
-  values = batching.map_indices(perturbed_loss, num + 1, execution=execution)
+  resolved = batching.resolve(execution, num + 1, perturbed_loss, size_name="num_draws")
+  values = batching.map_resolved(perturbed_loss, resolved)
   samples = values[:num] - values[num]
   mean, stderr = stochastic_trace.mean_and_stderr(samples)
   return NoiseStabilityEstimate(mean, stderr, samples)
@@ -677,7 +678,8 @@ def trace_bound_term(
     traces = _max_over_batches(traces_on, plan)
   trace = jnp.sum(jnp.stack([jnp.maximum(t, 0.0) for t in jax.tree.leaves(traces)]))
   squared_distance = jnp.sum(jnp.stack(jax.tree.leaves(squared)))
-  value = jnp.sqrt(trace * squared_distance / n)
+  # n as a Python float: a count beyond int32 (3e9 examples) cannot overflow.
+  value = jnp.sqrt(trace * squared_distance / float(n))
   return TraceBound(value, trace, squared_distance, traces, squared)
 
 

@@ -15,6 +15,14 @@ from nso_jax._src.checks import PyTree
 ParamFilter = PyTree | Callable[[tuple[Any, ...], jax.Array], bool] | None
 
 
+FILTER_SIGNATURE = "(path, leaf) -> bool"
+
+
+def check_filter_signature(param_filter: Callable[..., Any]) -> None:
+  """Raises a TypeError unless the function ``param_filter`` takes (path, leaf)."""
+  checks.check_signature(param_filter, "param_filter", 2, FILTER_SIGNATURE)
+
+
 def selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
   """Whether each leaf of ``params`` (in leaf order) is selected."""
   leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
@@ -23,6 +31,7 @@ def selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
   # A function is a pytree leaf; a callable pytree node (an Equinox module of
   # bools, such as a filter spec) is a pytree of flags.
   if callable(param_filter) and jax.tree_util.all_leaves([param_filter]):
+    check_filter_signature(param_filter)
     mask = [param_filter(path, leaf) for path, leaf in leaves_with_path]
   else:
     try:
@@ -72,6 +81,61 @@ def select(
     )
 
   return selected, merge
+
+
+def select_by_mask(params: PyTree, mask: list[bool]) -> PyTree:
+  """``params`` with the leaves ``mask`` excludes as ``None`` (dropped leaves)."""
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(
+    treedef, [leaf if keep else None for leaf, keep in zip(leaves, mask, strict=True)]
+  )
+
+
+def _is_float(leaf: Any) -> bool:
+  try:
+    return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+  except TypeError:  # not an array
+    return False
+
+
+def frozen_leaves(params: PyTree, mask: list[bool]) -> list[bool]:
+  """Which leaves are excluded by ``mask`` and not floating point.
+
+  Such a leaf (an integer step counter, say) may have any dtype: it is
+  neither perturbed nor differentiated, and its gradient is zero. A non-float
+  leaf that is selected is refused (:data:`nso_jax._src.checks.FLOAT_PARAMS`).
+  """
+  return [
+    not keep and not _is_float(leaf)
+    for leaf, keep in zip(jax.tree.leaves(params), mask, strict=True)
+  ]
+
+
+def stand_in_frozen(tree: PyTree, frozen: list[bool]) -> PyTree:
+  """``tree`` with its ``frozen`` leaves replaced by float32 zero scalars.
+
+  Noise is drawn for every leaf, in leaf order, whether or not it is
+  perturbed (so that the same key gives the same noise on the selected
+  leaves); a stand-in keeps that order at no cost. ``tree`` itself when
+  nothing is frozen.
+  """
+  if not any(frozen):
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+    treedef,
+    [
+      jnp.zeros((), jnp.float32) if is_frozen else leaf
+      for leaf, is_frozen in zip(leaves, frozen, strict=True)
+    ],
+  )
+
+
+def zeros_like_shape(shape: Any) -> Any:
+  """Zeros of ``shape``'s shape and dtype (``float0`` included)."""
+  if shape.dtype == jax.dtypes.float0:
+    return np.zeros(shape.shape, jax.dtypes.float0)
+  return jnp.zeros(shape.shape, shape.dtype)
 
 
 def _is_none(x: Any) -> bool:

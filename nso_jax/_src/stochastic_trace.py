@@ -158,6 +158,7 @@ def hutchinson(
   sampler = probe_sampler(probe)
   rtol = _check_rtol(rtol)
   operators.check_template(template)
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   execution = batching.as_execution(execution)
   if rtol is not None and execution.axis is not None:
     raise ValueError(
@@ -172,7 +173,7 @@ def hutchinson(
     return operators.tree_vdot(v, matvec(v))
 
   sample = lambda i: quadratic_form(jax.random.fold_in(key, i))
-  resolved = batching.resolve(execution, num, sample)
+  resolved = batching.resolve(execution, num, sample, size_name="num_matvecs")
   if rtol is None:
     mean, stderr = mean_and_stderr(batching.map_resolved(sample, resolved))
     return TraceEstimate(mean, stderr, jnp.asarray(num, jnp.int32))
@@ -257,6 +258,7 @@ def _sketching_setup(
   """
   probe_sampler(probe)
   operators.check_template(template)
+  checks.check_callable(matvec, "matvec", "(v) -> A v")
   execution = batching.as_execution(execution)
   operator = operators.flatten_operator(matvec, template)
   zeros = jnp.zeros(operator.dim, operator.dtype)

@@ -198,8 +198,9 @@ def train_step(
   steps, with the clean gradient (``clean_gradient=True``).
 
   Raises:
-    TypeError: if ``state`` is not a :class:`TrainState`, or ``loss_fn`` does
-      not return a pair ``(loss, aux)`` of a float loss and a dict.
+    TypeError: if ``state`` is not a :class:`TrainState`, ``loss_fn`` does
+      not take ``(params, batch_stats)``, or does not return a pair
+      ``(loss, aux)`` of a float loss and a dict.
     ValueError: if the loss is not a scalar, or ``data_axis`` is not an axis
       of the enclosing ``shard_map``.
 
@@ -237,6 +238,7 @@ def train_step(
       f"{type(state).__module__}.{type(state).__qualname__}. Create it with "
       "nso_jax.training.TrainState.create(apply_fn=..., params=..., tx=...)."
     )
+  checks.check_signature(loss_fn, "loss_fn", 2, "(params, batch_stats) -> (loss, aux)")
   clean_gradient = checks.check_bool(clean_gradient, "clean_gradient")
   axes = mesh.check_axis_name(data_axis, "data_axis")
   batch_stats = state.batch_stats

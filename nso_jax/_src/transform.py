@@ -330,6 +330,15 @@ def _needed(grad_fn: Any, params: Any) -> tuple[estimator.GradFn, Any]:
       "noise_stability perturbs the parameters: pass them to "
       "`tx.update(grads, state, params, grad_fn=grad_fn)`."
     )
+  if str(getattr(grad_fn, "__module__", "")).startswith("flax.nnx"):
+    raise TypeError(
+      "`grad_fn` is a function transformed by flax.nnx (such as nnx.grad), "
+      "which takes the module; the optimizer calls it with the pure "
+      "parameter arrays instead. Pass the gradient function built by "
+      "nso_jax.training.nnx_grad_fn(model, loss_fn, *args), or use "
+      "nso_jax.training.nnx_train_step."
+    )
+  checks.check_callable(grad_fn, "grad_fn", "(params) -> grads")
   return grad_fn, params
 
 

@@ -1,8 +1,6 @@
-"""``python -m nso_jax.app``: the ``nso-jax`` command."""
+"""``python -m nso_jax.app``: the ``nso-jax`` command, as its console script runs it."""
 
-import sys
-
-from nso_jax.app import cli
+import nso_jax_command
 
 if __name__ == "__main__":
-  sys.exit(cli.main())
+  nso_jax_command.main()

@@ -309,6 +309,7 @@ def train(
   u, snapshot, points, pending = u0, u0, [], None
   for index in range(method.steps // every):
     for _ in range(runner.leads):
+      assert runner.advance is not None  # leads > 0 only with a segment
       u, state = runner.advance(u, state, problem.a, problem.y)
       pending = _wait(pending, u, safe_point)
     u, state, loss, error = runner.finish(
