@@ -64,7 +64,7 @@ class TestInvalidScalars:
   )
   def test_injected_invalid_value_gives_nan(self, name, value):
     tx = optax.inject_hyperparams(
-      nso_jax.noise_stability, static_args=("num_perturbations",)
+      nso_jax.noise_stability, static_args=("num_perturbations", "key")
     )(sigma=0.1, key=0, clean_weight=0.5)
     params = jnp.ones(3)
     state = tx.init(params)

@@ -144,7 +144,7 @@ def test_state_is_stable_under_lax_cond():
 def test_inject_hyperparams_sigma():
   loss, params = _problem()
   factory = optax.inject_hyperparams(
-    nso_jax.noise_stability, static_args=("num_perturbations",)
+    nso_jax.noise_stability, static_args=("num_perturbations", "key")
   )
   tx = factory(sigma=0.05, num_perturbations=2, key=0)
   state = tx.init(params)
@@ -162,7 +162,7 @@ def test_inject_hyperparams_sigma():
 
 def test_inject_hyperparams_without_static_k_explains():
   loss, params = _problem()
-  tx = optax.inject_hyperparams(nso_jax.noise_stability)(
+  tx = optax.inject_hyperparams(nso_jax.noise_stability, static_args="key")(
     sigma=0.05, num_perturbations=2, key=0
   )
   state = tx.init(params)

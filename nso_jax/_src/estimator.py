@@ -123,10 +123,9 @@ def estimate(
   # Excluded non-float leaves get no noise and no gradient (zeros).
   frozen = selection.frozen_leaves(params, perturbed)
   noise_params = selection.stand_in_frozen(params, frozen)
-  if checks.is_traced(sigma):
-    # A run-time sigma is checked where it is used: an invalid one gives NaN,
-    # never a silently different step (a negative sigma would act as |sigma|).
-    sigma = jnp.where((sigma >= 0) & jnp.isfinite(sigma), sigma, jnp.nan)
+  # A run-time sigma is checked where it is used: an invalid one gives NaN,
+  # never a silently different step (a negative sigma would act as |sigma|).
+  sigma = checks.nan_unless_valid(sigma, minimum=0.0)
 
   def evaluate(shift: Callable, u: list[jax.Array]) -> tuple[Any, Any]:
     """``(value, grads)`` at ``W`` shifted by ``u``, in at least float32."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nso_jax._src import checks
+from nso_jax._src import selection
 
 NoiseName = Literal["normal", "normal_fast", "uniform", "laplace", "rademacher"]
 LeafSampler = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
@@ -241,3 +242,129 @@ def sample_noise(
     for k, leaf in zip(keys, leaves, strict=True)
   ]
   return jax.tree.unflatten(jax.tree.structure(tree), samples)
+
+
+# Below this share of the noise held (see held_share), NSO and the measures warn.
+MIN_HELD_SHARE = 0.5
+
+
+def round_to(x: jax.Array, dtype: Any) -> jax.Array:
+  """float32 ``x`` rounded to the nearest number of ``dtype``, kept in float32.
+
+  The rounding is done in float32 (``reduce_precision``, and by hand below
+  the smallest normal number, which ``reduce_precision`` flushes to zero),
+  so XLA keeps it under ``jit``, where it may skip a cast to half precision
+  and back (excess precision).
+  """
+  info = jnp.finfo(dtype)
+  rounded = jax.lax.reduce_precision(x, info.nexp, info.nmant)
+  if info.minexp > jnp.finfo(jnp.float32).minexp:  # float16's subnormal numbers
+    step = 2.0 ** (info.minexp - info.nmant)
+    subnormal = jnp.abs(x) < 2.0**info.minexp
+    rounded = jnp.where(subnormal, jnp.round(x / step) * step, rounded)
+  return rounded
+
+
+def held_share(
+  tree: checks.PyTree,
+  sigma: Any,
+  key: jax.Array,
+  noise: NoiseName | LeafSampler,
+  param_filter: selection.ParamFilter,
+) -> jax.Array:
+  r"""The share of the noise ``U`` that ``W + U`` holds in the leaves' dtypes.
+
+  ``U = sigma * sample_noise(fold_in(key, 0), tree, noise)`` and
+  :math:`\lVert (W + U) - W \rVert^2 / \lVert U \rVert^2`, in float32 over
+  the leaves of ``tree`` in half precision that ``mask`` selects, with ``U``
+  and ``W + U`` rounded to each leaf's dtype as they are stored (``W`` too:
+  under ``jit`` it may be an unrounded float32 value). 1 when no such leaf
+  is selected or ``U`` is zero; NaN for a NaN ``sigma``.
+
+  Args:
+    tree: the point ``W``, a pytree of floating-point arrays.
+    sigma: the noise scale.
+    key: a typed PRNG key; draw 0 is ``fold_in(key, 0)``.
+    noise: the distribution (see :func:`sample_noise`).
+    param_filter: the leaves perturbed (see :func:`selection.selection_mask`).
+  """
+  mask = tuple(selection.selection_mask(tree, param_filter))
+  return _held_share(tree, sigma, key, noise=noise, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("noise", "mask"))
+def _held_share(
+  tree: checks.PyTree,
+  sigma: Any,
+  key: jax.Array,
+  *,
+  noise: NoiseName | LeafSampler,
+  mask: tuple[bool, ...],
+) -> jax.Array:
+  """:func:`held_share`, compiled once (eagerly, its many small operations)."""
+  leaves = jax.tree.leaves(tree)
+  half = [
+    keep and jnp.dtype(jnp.result_type(w)).itemsize < 4
+    for w, keep in zip(leaves, mask, strict=True)
+  ]
+  if not any(half):
+    return jnp.ones([], jnp.float32)
+  z = jax.tree.leaves(sample_noise(jax.random.fold_in(key, 0), tree, noise))
+  held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
+  for is_half, w, zi in zip(half, leaves, z, strict=True):
+    if is_half:
+      dtype = jnp.result_type(w)
+      scale = round_to(jnp.asarray(sigma, jnp.float32), dtype)
+      u = round_to(round_to(zi.astype(jnp.float32), dtype) * scale, dtype)
+      w32 = round_to(jnp.asarray(w, jnp.float32), dtype)
+      moved = round_to(w32 + u, dtype) - w32
+      held += jnp.sum(moved**2)
+      asked += jnp.sum(u**2)
+  return jnp.where(asked == 0, 1.0, held / jnp.where(asked == 0, 1.0, asked))
+
+
+def rounding_problem(
+  tree: checks.PyTree,
+  sigma: Any,
+  key: jax.Array,
+  noise: NoiseName | LeafSampler,
+  param_filter: selection.ParamFilter,
+) -> str | None:
+  """Why noise of scale ``sigma`` rounds away in ``tree``'s half-precision leaves.
+
+  The one test behind the half-precision warnings of NSO and the measures.
+  With concrete leaves it is :func:`held_share` below :data:`MIN_HELD_SHARE`;
+  with traced ones (or a traced key) only the dtypes are known, and ``sigma``
+  is compared with half the spacing of each selected half-precision dtype's
+  numbers near 1.0. A traced ``sigma``, or one that is not positive, is not
+  tested.
+
+  Returns:
+    What is wrong with ``sigma``, to complete "sigma=... is ...", or ``None``.
+  """
+  if checks.is_traced(sigma) or not float(sigma) > 0:
+    return None
+  leaves = jax.tree.leaves(tree)
+  if not all(
+    isinstance(w, jax.Array | np.ndarray) and jnp.issubdtype(w.dtype, jnp.floating)
+    for w in leaves
+  ):
+    return None  # the computation names the leaf that is not a float array
+  mask = selection.selection_mask(tree, param_filter)
+  half = {
+    jnp.dtype(jnp.result_type(w))
+    for w, keep in zip(leaves, mask, strict=True)
+    if keep and jnp.dtype(jnp.result_type(w)).itemsize < 4
+  }
+  if not half:
+    return None
+  names = ", ".join(sorted(d.name for d in half))
+  if checks.is_traced(key) or any(checks.is_traced(w) for w in leaves):
+    spacing = max(float(jnp.finfo(d).eps) for d in half)
+    if float(sigma) >= spacing / 2:
+      return None
+    return f"below half the spacing of {names} numbers near 1.0 ({spacing:.3g})"
+  share = float(held_share(tree, float(sigma), key, noise, param_filter))
+  if share >= MIN_HELD_SHARE:
+    return None
+  return f"too small for the {names} parameters: {share:.0%} of the noise is held"

@@ -11,13 +11,74 @@ import optax
 
 from nso_jax._src import checks
 
+# States that a skipped update still advances, and states that cannot be
+# skipped as a whole (with the way to skip instead), by type; the modules that
+# define them register them (see `advance_when_skipped`, `refuse_to_skip`).
+_ADVANCING: list[type] = []
+_REFUSED: dict[type, str] = {}
+
+
+def advance_when_skipped(state_type: type) -> type:
+  """Registers a state that a skipped update still advances.
+
+  NSO's state is one: its key and step count advance on a skipped step, so
+  that the next step draws fresh noise. Kept as it was, a noise draw whose
+  gradient is not finite would repeat at every later step, and every step
+  would be skipped.
+
+  Args:
+    state_type: the state's class.
+
+  Returns:
+    ``state_type``.
+  """
+  _ADVANCING.append(state_type)
+  return state_type
+
+
+def refuse_to_skip(state_type: type, reason: str) -> type:
+  """Registers a state that :func:`skip_nonfinite` refuses to wrap, and why.
+
+  Args:
+    state_type: the state's class.
+    reason: the error message, naming where to put the skip instead.
+
+  Returns:
+    ``state_type``.
+  """
+  _REFUSED[state_type] = reason
+  return state_type
+
+
+def _is_registered(node: Any) -> bool:
+  return isinstance(node, tuple(_ADVANCING) + tuple(_REFUSED))
+
+
+def _check_skippable(state: Any) -> None:
+  """Raises if ``state`` holds a state that cannot be skipped as a whole."""
+  for node in jax.tree.leaves(state, is_leaf=_is_registered):
+    for state_type, reason in _REFUSED.items():
+      if isinstance(node, state_type):
+        raise ValueError(reason)
+
+
+def _keep_unless_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``finite``, else ``old``; the registered states always advance."""
+
+  def select(new_node: Any, old_node: Any) -> Any:
+    if isinstance(new_node, tuple(_ADVANCING)):
+      return new_node
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_node, old_node)
+
+  return jax.tree.map(select, new, old, is_leaf=_is_registered)
+
 
 class SkipNonfiniteState(NamedTuple):
   """State of :func:`skip_nonfinite`.
 
   Attributes:
     inner_state: the wrapped transformation's state, as of the last finite
-      update.
+      update (NSO's key and step count inside it advance at every update).
     num_skipped: int32 number of updates skipped so far.
     last_finite: whether the last update was applied.
   """
@@ -40,10 +101,16 @@ def skip_nonfinite(
   applies one, however many occur: a run that diverges for good stands still
   (watch ``num_skipped``) instead of filling its parameters with NaN.
 
-  Put it after :func:`nso_jax.noise_stability`, around the base optimizer, so
-  that NSO's key and step count still advance on a skipped step (the next
-  step draws fresh noise): ``optax.chain(noise_stability(...),
-  skip_nonfinite(optax.sgd(0.1)))``, or ``nso(..., skip_nonfinite=True)``.
+  NSO's key and step count advance on a skipped step wherever it is put, so
+  that the next step draws fresh noise: around the base optimizer,
+  ``optax.chain(noise_stability(...), skip_nonfinite(optax.sgd(0.1)))`` or
+  ``nso(..., skip_nonfinite=True)``; or around the whole of it,
+  ``skip_nonfinite(nso(...))``, where everything else in the state is kept.
+  With :func:`nso_jax.accumulate`, put it around the optimizer inside,
+  ``accumulate(noise_stability(...), skip_nonfinite(opt), n)``: around
+  ``accumulate`` it is refused (``init`` raises a ``ValueError``), since a
+  skipped micro-batch would keep the step's noise, and the next ones would
+  repeat it.
 
   Args:
     inner: the transformation to guard, e.g. the base optimizer.
@@ -51,6 +118,10 @@ def skip_nonfinite(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with a
     :class:`SkipNonfiniteState`.
+
+  Raises:
+    ValueError: at ``init``, when ``inner`` is :func:`nso_jax.accumulate`
+      (or holds it).
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -65,8 +136,10 @@ def skip_nonfinite(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> SkipNonfiniteState:
+    inner_state = inner.init(params)
+    _check_skippable(inner_state)
     return SkipNonfiniteState(
-      inner_state=inner.init(params),
+      inner_state=inner_state,
       num_skipped=jnp.zeros([], jnp.int32),
       last_finite=jnp.asarray(True),
     )
@@ -83,9 +156,7 @@ def skip_nonfinite(
     new_updates = jax.tree.map(
       lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
     )
-    new_inner = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
-    )
+    new_inner = _keep_unless_finite(finite, new_inner, state.inner_state)
     num_skipped = state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
     return new_updates, SkipNonfiniteState(new_inner, num_skipped, finite)
 

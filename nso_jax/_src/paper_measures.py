@@ -28,6 +28,7 @@ devices of a mesh axis inside :func:`jax.shard_map`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -151,7 +152,12 @@ def noise_stability_measure(
     data: one batch, a list or iterator of batches, or :class:`StackedBatches`
       (see :func:`hessian_operator`).
     key: an int seed or a ``jax.random.key``.
-    sigma: the noise's standard deviation :math:`\sigma \ge 0` (may be traced).
+    sigma: the noise's standard deviation :math:`\sigma \ge 0`. It may be
+      traced; a traced one that is negative or not finite makes the
+      estimate NaN, as it makes NSO's update NaN. With half-precision
+      parameters, a ``sigma`` whose noise ``W + U`` mostly rounds away
+      (below their spacing) warns, as NSO's ``init`` does: the estimate
+      then measures rounding and can be negative.
     num_draws: the number of draws :math:`m`.
     noise: the distribution of :math:`Z` (see :func:`nso_jax.sample_noise`).
     antithetic: use :math:`\frac{1}{2}[L(W + U_j) + L(W - U_j)] - L(W)` per
@@ -192,6 +198,9 @@ def noise_stability_measure(
   # Validates params, data, loss_fn and param_filter as every measure does.
   operators.hessian_operator(loss_fn, params, data, param_filter=param_filter)
   selected, merge = selection.select(params, param_filter)
+  _warn_if_noise_rounds_away(selected, sigma, key, noise)
+  # A traced sigma follows NSO's run-time policy: an invalid one gives NaN.
+  sigma = checks.nan_unless_valid(sigma, minimum=0.0)
   plan = data_plans.make_plan(data)
   loss_dtype = checks.accumulation_dtype(
     jax.eval_shape(loss_fn, params, plan.first_batch()).dtype
@@ -219,6 +228,28 @@ def noise_stability_measure(
   samples = values[:num] - values[num]
   mean, stderr = stochastic_trace.mean_and_stderr(samples)
   return NoiseStabilityEstimate(mean, stderr, samples)
+
+
+def _warn_if_noise_rounds_away(
+  selected: PyTree, sigma: Any, key: jax.Array, noise: Any
+) -> None:
+  """Warns, as NSO's ``init`` does, when half precision rounds the noise away.
+
+  The test is NSO's (``noise.rounding_problem``), on the first draw's noise:
+  with concrete parameters, less than half of its energy held by
+  ``W + U``; under ``jit``, a ``sigma`` below half the spacing of the
+  dtype's numbers near 1.0.
+  """
+  what = noise_lib.rounding_problem(selected, sigma, key, noise, None)
+  if what is not None:
+    warnings.warn(
+      f"noise_stability_measure: sigma={float(sigma):.3g} is {what}; W + U "
+      "rounds back to W (or a whole spacing away), so the loss increases "
+      "measure rounding, not curvature, and can be negative. Raise sigma, or "
+      "measure float32 copies of the parameters "
+      "(jax.tree.map(lambda w: w.astype(jnp.float32), params)).",
+      stacklevel=3,
+    )
 
 
 def direction_curvature(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from nso_jax._src import checks
 from nso_jax._src import estimator
@@ -33,12 +32,15 @@ def noise_resolution(
 
     \frac{\lVert (W + U) - W \rVert^2}{\lVert U \rVert^2}
 
-  in float32 over the perturbed half-precision leaves, ``U`` and ``W + U``
-  rounded to the leaf's dtype (under :func:`jax.jit` too, where XLA could
-  otherwise keep them in float32). Near 1, the
-  perturbation is the one asked for; well below 1, raise ``sigma`` or keep
-  float32 master weights. It is exactly 1 when no perturbed leaf is in half
-  precision. To measure the noise of :func:`nso_jax.noise_stability`'s next
+  in float32 over the perturbed half-precision leaves, ``U``, ``W + U`` and
+  ``W`` itself rounded to the leaf's dtype as they are stored, under
+  :func:`jax.jit` too: there XLA may keep a half-precision value in float32
+  (a ``W`` computed in the step, or ``W + U``), and the rounding is done in
+  float32 so that it is not skipped. Near 1, the perturbation is the one
+  asked for; well below 1, raise ``sigma`` or keep float32 master weights.
+  It is exactly 1 when no perturbed leaf is in half precision, and NaN for a
+  traced ``sigma`` that is negative or not finite (NSO's update is then NaN
+  too). To measure the noise of :func:`nso_jax.noise_stability`'s next
   update, pass ``jax.random.split(state.key)[0]``.
 
   Args:
@@ -51,7 +53,8 @@ def noise_resolution(
       :func:`nso_jax.noise_stability`).
 
   Returns:
-    A float32 scalar in [0, 1] (up to rounding).
+    A float32 scalar in [0, 1] (up to rounding), or NaN for an invalid
+    traced ``sigma``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -66,28 +69,6 @@ def noise_resolution(
   key = checks.canonicalize_key(key)
   noise_lib.check_noise(noise)
   checks.check_float_tree(params, "params", "noise perturbs floating-point arrays")
-  perturbed = selection.selection_mask(
-    params, estimator.check_param_filter(param_filter)
-  )
-  leaves = jax.tree.leaves(params)
-  half = [
-    keep and jnp.dtype(jnp.result_type(w)).itemsize < 4
-    for w, keep in zip(leaves, perturbed, strict=True)
-  ]
-  if not any(half):
-    return jnp.ones([], jnp.float32)
-  z = jax.tree.leaves(noise_lib.sample_noise(jax.random.fold_in(key, 0), params, noise))
-  held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
-  for is_half, w, zi in zip(half, leaves, z, strict=True):
-    if is_half:
-      u = _stored(zi * jnp.asarray(sigma, zi.dtype))
-      moved = _stored(w + u).astype(jnp.float32) - w.astype(jnp.float32)
-      held += jnp.sum(moved**2)
-      asked += jnp.sum(u.astype(jnp.float32) ** 2)
-  return jnp.where(asked > 0, held / jnp.where(asked > 0, asked, 1), 1.0)
-
-
-def _stored(x: jax.Array) -> jax.Array:
-  """``x`` rounded to its dtype, which XLA may otherwise skip (excess precision)."""
-  info = jnp.finfo(x.dtype)
-  return jax.lax.reduce_precision(x, info.nexp, info.nmant)
+  param_filter = estimator.check_param_filter(param_filter)
+  sigma = checks.nan_unless_valid(sigma, minimum=0.0)
+  return noise_lib.held_share(params, sigma, key, noise, param_filter)

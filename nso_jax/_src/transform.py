@@ -19,12 +19,12 @@ from nso_jax._src import estimator
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import nonfinite
-from nso_jax._src import precision
 from nso_jax._src import selection
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
+@nonfinite.advance_when_skipped  # a skipped step still draws fresh noise
 class NoiseStabilityState(NamedTuple):
   """State of :func:`noise_stability`.
 
@@ -215,7 +215,7 @@ def noise_stability(
     clean_weight,
     per_shard_noise,
   )
-  key = checks.canonicalize_key(key)
+  key = checks.canonicalize_key(_not_injected(key))
   precision_checked: list[bool] = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
@@ -257,8 +257,39 @@ def noise_stability(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+# The recipe that keeps the settings fixing the noise out of the hyperparameters.
+INJECT_RECIPE = 'static_args=("num_perturbations", "key")'
+
+
+def _not_injected(key: Any) -> Any:
+  """``key``, unless it is an integer JAX array, as an injected seed is.
+
+  ``optax.inject_hyperparams`` turns an int seed into a scalar integer array
+  (traced under ``jit``) and exposes it as a hyperparameter; but the key
+  lives in :class:`NoiseStabilityState`, so setting that hyperparameter
+  would do nothing. A seed is a Python int; a key made at run time is a
+  ``jax.random.key``.
+  """
+  if (
+    isinstance(key, jax.Array)
+    and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    and jnp.issubdtype(key.dtype, jnp.integer)
+    and key.shape == ()
+  ):
+    raise ValueError(
+      f"`key` must be an int seed or a PRNG key, got an integer array {key!r}, "
+      "as optax.inject_hyperparams makes of a seed that it turns into a "
+      "hyperparameter: the key lives in the optimizer state "
+      "(NoiseStabilityState), so setting that hyperparameter would do "
+      f"nothing. Name it static: optax.inject_hyperparams(..., {INJECT_RECIPE})"
+      "; a seed known only at run time goes in as jax.random.key(seed), or "
+      "into the state with nso_jax.training.with_key."
+    )
+  return key
+
+
 # Below this share of the noise held (noise_resolution), init warns.
-MIN_NOISE_RESOLUTION = 0.5
+MIN_NOISE_RESOLUTION = noise_lib.MIN_HELD_SHARE
 
 
 def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> None:
@@ -268,44 +299,22 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
   first update's noise; with traced ones (``init`` under ``jit``) only the
   dtypes are known, and ``sigma`` is compared with the spacing of each
   perturbed half-precision dtype near 1.0. A ``sigma`` known only at run time
-  is not checked; a schedule is checked at step 0.
+  is not checked; a schedule is checked at step 0. The measures warn by the
+  same test (``noise.rounding_problem``).
   """
   sigma = settings.sigma
   sigma = sigma(jnp.zeros([], jnp.int32)) if callable(sigma) else sigma
-  if checks.is_traced(sigma) or not float(sigma) > 0:
+  if checks.is_traced(sigma):
     return
-  leaves = jax.tree.leaves(params)
-  if not all(isinstance(w, jax.Array | np.ndarray) for w in leaves):
-    return  # the update names the leaf that is not an array
-  mask = selection.selection_mask(params, settings.estimator.param_filter)
-  half = {
-    jnp.dtype(jnp.result_type(w))
-    for w, keep in zip(leaves, mask, strict=True)
-    if keep
-    and jnp.issubdtype(jnp.result_type(w), jnp.floating)
-    and jnp.dtype(jnp.result_type(w)).itemsize < 4
-  }
-  if not half:
+  what = noise_lib.rounding_problem(
+    params,
+    sigma,
+    jax.random.split(key)[0],
+    settings.estimator.noise,
+    settings.estimator.param_filter,
+  )
+  if what is None:
     return
-  names = ", ".join(sorted(d.name for d in half))
-  if any(checks.is_traced(w) for w in leaves):
-    spacing = max(float(jnp.finfo(d).eps) for d in half)
-    if float(sigma) >= spacing / 2:
-      return
-    what = f"below half the spacing of {names} numbers near 1.0 ({spacing:.3g})"
-  else:
-    share = float(
-      precision.noise_resolution(
-        params,
-        float(sigma),
-        jax.random.split(key)[0],
-        noise=settings.estimator.noise,
-        param_filter=settings.estimator.param_filter,
-      )
-    )
-    if share >= MIN_NOISE_RESOLUTION:
-      return
-    what = f"too small for the {names} parameters: {share:.0%} of the noise is held"
   warnings.warn(
     f"noise_stability: sigma={float(sigma):.3g} is {what}; W + U rounds back "
     "to W and NSO drifts towards the plain gradient. Raise sigma, or keep "
@@ -363,15 +372,14 @@ def _mix_clean_gradient(
   if not checks.is_traced(lam) and lam == 0.0:
     return grads
   clean = _clean_gradient(settings.estimator.data_axes, updates, params, grad_fn)
+  # An invalid run-time weight is NaN, and so is the update.
+  lam = checks.nan_unless_valid(lam, minimum=0.0, maximum=1.0)
   mixed = jax.tree.map(
     # `where` keeps a non-finite clean gradient out when lam == 0.
-    lambda c, g: jnp.where(lam > 0, lam * c + (1 - lam) * g.astype(c.dtype), g),
+    lambda c, g: jnp.where(lam != 0, lam * c + (1 - lam) * g.astype(c.dtype), g),
     clean,
     grads,
   )
-  if checks.is_traced(lam):  # an invalid run-time weight gives NaN
-    valid = (lam >= 0) & (lam <= 1)
-    mixed = jax.tree.map(lambda g: jnp.where(valid, g, jnp.nan), mixed)
   return jax.tree.map(lambda m, g: m.astype(g.dtype), mixed, grads)
 
 
@@ -498,6 +506,16 @@ class AccumulationState(NamedTuple):
   optimizer: Any
 
 
+nonfinite.refuse_to_skip(
+  AccumulationState,
+  "`inner` of skip_nonfinite holds nso_jax.accumulate: a skipped micro-batch "
+  "would keep the step's noise, so a noise draw whose gradient is not finite "
+  "would repeat at every later micro-batch. Put skip_nonfinite around the "
+  "optimizer inside instead: accumulate(noise_stability(...), "
+  "skip_nonfinite(optimizer), n) skips the whole step, and the noise advances.",
+)
+
+
 def accumulate(
   noise: optax.GradientTransformation,
   optimizer: optax.GradientTransformation,
@@ -554,6 +572,13 @@ def accumulate(
     # grad_fn is NSO's alone: some optax versions trace MultiSteps' arguments.
     rest = {name: arg for name, arg in extra_args.items() if name != "grad_fn"}
     updates, multi_state = multi.update(grads, state.optimizer, params, **rest)
+    # MultiSteps clears its sum by multiplying it by zero, which keeps a NaN:
+    # one non-finite micro-batch would spoil every later step. Cleared here.
+    multi_state = multi_state._replace(
+      acc_grads=jax.tree.map(
+        lambda a: jnp.where(last, jnp.zeros_like(a), a), multi_state.acc_grads
+      )
+    )
     mini_step = jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32)
     return updates, AccumulationState(mini_step, noise_state, multi_state)
 
@@ -572,7 +597,13 @@ def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
     update the raw gradient, an ascent step;
   * ``optax.MultiSteps(nso(...), n)``: NSO runs once per step, with the last
     micro-batch's ``grad_fn`` (use :func:`accumulate`);
-  * two ``noise_stability`` transformations.
+  * two ``noise_stability`` transformations;
+  * ``optax.apply_if_finite(nso(...), n)``: a non-finite step keeps NSO's
+    key, so the same noise repeats until the NaN is applied (put it around
+    the base optimizer, or use :func:`nso_jax.skip_nonfinite` anywhere);
+  * ``optax.inject_hyperparams(noise_stability)`` with ``key`` or
+    ``num_perturbations`` as a hyperparameter (one that does nothing when
+    set, or cannot change under ``jit``).
 
   A chain whose states are a dict (``optax.named_chain``) is not checked for
   order.
@@ -609,6 +640,7 @@ def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
       f"expected one noise_stability in the optimizer, found {len(paths)}: "
       "it replaces the gradient, so a second one discards the first."
     )
+  _check_wrappers(state, paths[0])
   names = [getattr(k, "name", None) for k in paths[0]]
   if "inner_opt_state" in names:
     raise ValueError(
@@ -623,6 +655,39 @@ def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
       "optimizer before it turns the step into gradient ascent). Write "
       "optax.chain(noise_stability(...), optimizer), or nso_jax.nso(...)."
     )
+
+
+def _check_wrappers(state: Any, path: Any) -> None:
+  """Raises on the wrappers around NSO that keep its key or hide it, on ``path``."""
+  node = state
+  for entry in path:
+    if isinstance(node, optax.ApplyIfFiniteState):
+      raise ValueError(
+        "noise_stability is inside optax.apply_if_finite: a non-finite step "
+        "keeps NSO's key, so the same noise is drawn again and the step fails "
+        "again, until the NaN is applied. Put apply_if_finite around the base "
+        "optimizer, optax.chain(noise_stability(...), optax.apply_if_finite("
+        "optimizer, n)), or use nso_jax.skip_nonfinite (NSO's key advances "
+        "wherever it is put)."
+      )
+    injected = getattr(node, "hyperparams", None)
+    if isinstance(injected, dict) and {"key", "num_perturbations"} & set(injected):
+      names = sorted({"key", "num_perturbations"} & set(injected))
+      raise ValueError(
+        f"noise_stability under optax.inject_hyperparams has {names} among "
+        "its hyperparameters: an injected key does nothing when set (the key "
+        "lives in NoiseStabilityState) and the number of pairs cannot change "
+        f"under jit. Name them static: optax.inject_hyperparams(..., {INJECT_RECIPE})."
+      )
+    try:
+      if hasattr(entry, "name"):
+        node = getattr(node, entry.name)
+      elif hasattr(entry, "idx"):
+        node = node[entry.idx]
+      else:
+        node = node[entry.key]
+    except (AttributeError, IndexError, KeyError, TypeError):
+      return  # a custom node: the wrappers around NSO are not known
 
 
 def get_sigma(state: Any) -> jax.Array:
