@@ -190,13 +190,16 @@ class CommandInterrupts:
 _COMMAND: CommandInterrupts | None = None
 
 
-def install_command_handler(program: str) -> CommandInterrupts:
+def install_command_handler(program: str) -> CommandInterrupts | None:
   """Installs :class:`CommandInterrupts` for this process, once; returns it.
 
-  Call it from the main thread of a command-line process only: it replaces
-  SIGINT's handler for the rest of the process's life.
+  For a command-line process: it replaces SIGINT's handler for the rest of
+  the process's life. Outside the main thread it installs nothing and
+  returns ``None`` (signals are the main thread's).
   """
   global _COMMAND
+  if threading.current_thread() is not threading.main_thread():
+    return None
   if _COMMAND is None:
     _COMMAND = CommandInterrupts(program)
     _COMMAND.install()
