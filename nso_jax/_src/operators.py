@@ -245,6 +245,31 @@ def _check_scalar_loss(value: Any, name: str) -> None:
     )
 
 
+def check_loss_axes(
+  loss_fn: LossFn,
+  params: PyTree,
+  batch: PyTree,
+  data_axes: tuple[str, ...],
+  context: PyTree = None,
+) -> None:
+  """Refuses, inside ``shard_map``, a loss the data axes do not describe.
+
+  A loss that varies over a mesh axis other than ``data_axes`` (and the
+  axes the parameters vary over) is a shard's loss whose Hessian-vector
+  products ``jax.grad`` would sum over the shards; one that does not vary
+  over a data axis is already averaged over it. See
+  :func:`nso_jax._src.mesh.check_declared_axes`.
+  """
+  mesh.check_declared_axes(
+    lambda p: loss_fn(p, batch),
+    params,
+    data_axes=data_axes,
+    name="loss_fn",
+    returns_value=True,
+    context=context,
+  )
+
+
 def hessian_operator(
   loss_fn: LossFn,
   params: PyTree,
@@ -323,6 +348,8 @@ def hessian_operator(
   )
 
   data_axes = mesh.check_axis_name(data_axis, "data_axis")
+  mesh.check_mesh_axes(data_axes, "data_axis")
+  check_loss_axes(restricted_loss, selected, plan.first_batch(), data_axes, params)
   mode = resolve_hvp_mode(mode, restricted_loss, selected, plan.first_batch(), selected)
 
   def matvec(v: PyTree) -> PyTree:
@@ -441,6 +468,17 @@ def ggn_operator(
       f"scalar, got {losses}."
     )
 
+  # A batch split over a mesh axis would sum the shards' GGNs.
+  mesh.check_declared_axes(
+    lambda sub: output_loss(restricted_model(sub, first), first),
+    selected,
+    data_axes=(),
+    name="model_fn",
+    returns_value=True,
+    context=params,
+    fix="ggn_operator takes no `data_axis`: give it the whole batch (outside "
+    "jax.shard_map, or a batch replicated over that axis).",
+  )
   # "auto" decides for the model and the per-example loss separately.
   model_mode = resolve_hvp_mode(mode, restricted_model, selected, first, None)
   loss_mode = resolve_hvp_mode(mode, output_loss, outputs, first, outputs)

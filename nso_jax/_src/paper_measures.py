@@ -40,6 +40,7 @@ from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import data_plans
 from nso_jax._src import groups as groups_lib
+from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import operators
 from nso_jax._src import selection
@@ -259,6 +260,7 @@ def direction_curvature(
   direction: PyTree,
   *,
   param_filter: ParamFilter = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> jax.Array:
   r"""The curvature along a direction, :math:`v^\top H v`, from one product.
 
@@ -275,6 +277,9 @@ def direction_curvature(
     direction: :math:`v`, a pytree with the structure and shapes of ``params``.
     param_filter: use only some leaves of :math:`v` (the Hessian block of the
       selected leaves; see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, with ``loss_fn`` the loss of this device's
+      shard (see :func:`hessian_operator`).
 
   Returns:
     :math:`v^\top H v`, a scalar (float32, or float64 for float64 leaves).
@@ -295,7 +300,11 @@ def direction_curvature(
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
   operator = operators.hessian_operator(
-    loss_fn, params, data_plans.reusable(data), param_filter=param_filter
+    loss_fn,
+    params,
+    data_plans.reusable(data),
+    param_filter=param_filter,
+    data_axis=data_axis,
   )
   v = selection.restrict_like(operator.template, direction, params, "direction")
   return operators.tree_vdot(v, operator.matvec(v))
@@ -478,6 +487,7 @@ def layer_traces(
   execution: batching.ExecutionLike = "auto",
   param_filter: ParamFilter = None,
   group_by: groups_lib.GroupBy = None,
+  data_axis: mesh.AxisName | None = None,
 ) -> PyTree:
   r"""The Hessian trace of every layer (leaf), by Hutchinson, with error bars.
 
@@ -522,6 +532,9 @@ def layer_traces(
     group_by: ``None`` (per leaf), a positive int (leaves sharing that many
       leading path keys form a module: ``1`` groups ``"Dense_0"``'s kernel
       and bias) or a callable ``(path) -> name``.
+    data_axis: inside :func:`jax.shard_map`, the mesh axis (or axes) over
+      which ``data`` is split, with ``loss_fn`` the loss of this device's
+      shard (see :func:`hessian_operator`).
 
   Returns:
     A pytree shaped like ``params`` whose leaves are
@@ -554,7 +567,11 @@ def layer_traces(
   num = checks.check_positive_int(num_matvecs, "num_matvecs")
   group_by = groups_lib.check_group_by(group_by)
   operator = operators.hessian_operator(
-    loss_fn, params, data_plans.reusable(data), param_filter=param_filter
+    loss_fn,
+    params,
+    data_plans.reusable(data),
+    param_filter=param_filter,
+    data_axis=data_axis,
   )
   per_leaf = _layer_trace_sampler(operator, checks.canonicalize_key(key))
   samples = batching.map_indices(per_leaf, num, execution=execution)
