@@ -376,7 +376,13 @@ def noise_stability_gradient(
 
   Raises:
     ValueError, TypeError: on invalid settings or a ``grad_fn`` whose output
-      does not match ``params``.
+      does not match ``params``; inside :func:`jax.shard_map`, a
+      ``ValueError`` naming the axis for a ``grad_fn`` whose loss varies over
+      a mesh axis that is neither ``data_axis`` nor one the parameters vary
+      over (a batch split there: the estimate would be that many times too
+      large), or does not vary over ``data_axis`` (already averaged: that
+      many times too small), and for a ``data_axis`` or execution axis that
+      is a :func:`jax.vmap` axis.
 
   Example:
     >>> import jax, jax.numpy as jnp

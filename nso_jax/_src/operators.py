@@ -315,7 +315,9 @@ def hessian_operator(
       which the data are split, with ``loss_fn`` the loss of this device's
       shard (as NSO's ``data_axis`` takes it): each product is the mean of
       the shards' products, one ``psum``. Without it, a loss inside
-      ``shard_map`` must average itself over the shards (``jax.lax.pmean``).
+      ``shard_map`` must average itself over the shards (``jax.lax.pmean``):
+      a shard's loss is refused, as is a loss that does not vary over the
+      ``data_axis`` given (already averaged), each naming the axis.
     mode: how the products differentiate twice (see :func:`hvp`):
       ``"auto"`` decides once, on the first batch, between forward over
       reverse and, for a loss without a forward-mode rule, reverse over
@@ -326,7 +328,9 @@ def hessian_operator(
 
   Raises:
     ValueError: for an empty ``params``, a non-scalar loss, malformed ``data``,
-      a ``param_filter`` that selects nothing or an unknown ``mode``.
+      a ``param_filter`` that selects nothing or an unknown ``mode``; inside
+      :func:`jax.shard_map`, for a loss the ``data_axis`` given does not
+      describe (see ``data_axis``) or a ``data_axis`` of :func:`jax.vmap`.
 
   Example:
     >>> import jax.numpy as jnp
