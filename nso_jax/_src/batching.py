@@ -7,7 +7,10 @@ their results up (NSO's gradient sum: nothing is stacked, so memory does not
 grow with the count); :func:`map_indices` stacks them (per-probe samples, from
 which a standard error follows). How they run is one value, :class:`Execution`:
 
-* ``"vmap"``: all at once, as one batched computation;
+* ``"vmap"``: all at once, as one batched computation; refused (a
+  ``ValueError`` naming the count) when the batch's estimated memory
+  exceeds the device's (:func:`memory_bound`), where ``"auto"`` runs chunks
+  that fit instead;
 * ``"map"``: a ``lax.scan`` over chunks of ``chunk_size`` indices, each
   chunk batched with ``vmap``; memory is bounded by the chunk. The default
   chunk (:func:`default_chunk_size`) is 1 on CPU, one at a time, and 16 on
