@@ -136,6 +136,10 @@ def test_injected_typed_key_is_refused_by_check_chain():
   tx = optax.inject_hyperparams(
     nso_jax.noise_stability, static_args="num_perturbations"
   )(0.01, 2, key=jax.random.key(0))
+  try:
+    jax.eval_shape(tx.init, P0)
+  except TypeError:  # some optax versions cannot inject a typed key at all
+    pytest.skip("this optax refuses to inject a typed key itself")
   with pytest.raises(ValueError, match=r"\['key'\] among its hyperparameters"):
     nso_jax.check_chain(tx, P0)
 
