@@ -153,8 +153,13 @@ def test_sketching_estimators_beat_hutchinson_on_a_decaying_spectrum(request):
 def test_sketching_estimators_are_exact_when_the_sketch_spans_the_space():
   matrix = ht.decaying_spectrum_matrix(jax.random.key(0), 6, decay=1.0)
   operator = ht.matrix_operator(matrix)
-  for estimator in (hessian.hutch_pp, hessian.xtrace):
-    estimate = estimator(*operator, 0, num_matvecs=18)
+  both = jax.jit(
+    lambda key: [
+      estimator(*operator, key, num_matvecs=18)
+      for estimator in (hessian.hutch_pp, hessian.xtrace)
+    ]
+  )
+  for estimate in both(0):
     assert float(estimate.value) == pytest.approx(np.trace(matrix), rel=1e-5)
     assert float(estimate.stderr) == pytest.approx(0.0, abs=1e-5)
 
@@ -169,8 +174,14 @@ def test_xtrace_on_an_exactly_low_rank_matrix_is_exact_without_nan():
 
 def test_hutch_pp_and_xtrace_report_the_matvecs_they_spend():
   operator = ht.matrix_operator(np.eye(40))
-  assert int(hessian.hutch_pp(*operator, 0, num_matvecs=10).num_matvecs) == 10
-  assert int(hessian.xtrace(*operator, 0, num_matvecs=11).num_matvecs) == 10
+  hutch_pp, xtrace = jax.jit(
+    lambda key: (
+      hessian.hutch_pp(*operator, key, num_matvecs=10),
+      hessian.xtrace(*operator, key, num_matvecs=11),
+    )
+  )(0)
+  assert int(hutch_pp.num_matvecs) == 10
+  assert int(xtrace.num_matvecs) == 10
 
 
 def test_single_sample_has_infinite_stderr_not_nan():
@@ -202,14 +213,17 @@ class TestEarlyStopping:
     np.testing.assert_allclose(stopped.stderr, fixed.stderr, rtol=1e-3)
 
   def test_does_not_depend_on_the_chunks(self, tiny_operator):
-    results = [
-      hessian.hutchinson(*tiny_operator, 7, num_matvecs=100, rtol=1e-2, **options)
-      for options in (
-        {},
-        dict(execution=batching.Execution("map", chunk_size=16)),
-        dict(execution="vmap"),
-      )
-    ]
+    every_execution = jax.jit(
+      lambda key: [
+        hessian.hutchinson(*tiny_operator, key, num_matvecs=100, rtol=1e-2, **options)
+        for options in (
+          {},
+          dict(execution=batching.Execution("map", chunk_size=16)),
+          dict(execution="vmap"),
+        )
+      ]
+    )
+    results = every_execution(7)
     for result in results[1:]:
       assert int(result.num_matvecs) == int(results[0].num_matvecs)
       np.testing.assert_allclose(result.value, results[0].value, rtol=1e-5)
@@ -330,19 +344,31 @@ def test_low_precision_parameters_work_with_every_estimator():
   loss = lambda w, x: jnp.sum(x * w.astype(jnp.float32) ** 2)
   w = jnp.ones(40, jnp.bfloat16)
   exact = float(2 * x.sum())
-  for method in ("hutchinson", "hutch++", "xtrace"):
-    estimate = hessian.trace(loss, w, x, 0, num_matvecs=30, method=method)
+  methods = ("hutchinson", "hutch++", "xtrace")
+
+  @jax.jit
+  def estimates(w):
+    """Every estimator in one compiled program."""
+    traces = {
+      method: hessian.trace(loss, w, x, 0, num_matvecs=30, method=method)
+      for method in methods
+    }
+    top = hessian.top_eigenvalues(loss, w, x, 0, num_eigenvalues=2, num_steps=20)
+    density = hessian.spectral_density(
+      loss, w, x, 0, num_steps=10, grid=hessian.DensityGrid(size=50)
+    )
+    return traces, top, density.density
+
+  traces, top, density = estimates(w)
+  for method in methods:
+    estimate = traces[method]
     assert estimate.value.dtype == jnp.float32
     # Within 4 reported standard errors, plus bfloat16 rounding of the HVPs.
     assert (
       abs(float(estimate.value) - exact) <= 4 * float(estimate.stderr) + 0.02 * exact
     )
-  top = hessian.top_eigenvalues(loss, w, x, 0, num_eigenvalues=2, num_steps=20)
   np.testing.assert_allclose(top, [4.0, 2 * float(x[-2])], rtol=2e-2)
-  density = hessian.spectral_density(
-    loss, w, x, 0, num_steps=10, grid=hessian.DensityGrid(size=50)
-  )
-  assert bool(jnp.all(jnp.isfinite(density.density)))
+  assert bool(jnp.all(jnp.isfinite(density)))
 
 
 def test_xtrace_keeps_a_small_full_rank_tail():
