@@ -275,10 +275,15 @@ def test_mixed_pytree_keeps_structure_and_dtypes():
     leaves = jax.tree.leaves(p)
     return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in leaves)
 
-  for strategy in EXECUTIONS[:3]:
-    g = nso_jax.noise_stability_gradient(
-      jax.grad(loss), params, 0, sigma=0.01, num_perturbations=2, **strategy
-    )
+  every_strategy = jax.jit(
+    lambda params: [
+      nso_jax.noise_stability_gradient(
+        jax.grad(loss), params, 0, sigma=0.01, num_perturbations=2, **strategy
+      )
+      for strategy in EXECUTIONS[:3]
+    ]
+  )
+  for g in every_strategy(params):
     chex.assert_trees_all_equal_shapes_and_dtypes(g, params)
     chex.assert_trees_all_close(
       jax.tree.map(lambda x: x.astype(jnp.float32), g),
