@@ -256,8 +256,8 @@ ENTRY_POINTS = {
   ),
 }
 
-# Faults once reported, each a case of the sweep marked as the fault sweep's:
-# a clear error naming the argument.
+# Faults once reported. Every case of this sweep is a case of the fault sweep
+# (`pytest -m fault`) whose outcome must be a clear error naming the argument.
 FLOAT8 = jnp.ones(4, jnp.float8_e4m3fn)
 ONE_ARGUMENT = lambda path: True  # param_filter takes (path, leaf)
 REPORTED = {
@@ -295,7 +295,7 @@ NAMED_AS = {
 FAULT = pytest.mark.fault("clear")
 
 CASES = [
-  pytest.param(name, argument, bad, id=f"{name}-{argument}-{index}")
+  pytest.param(name, argument, bad, id=f"{name}-{argument}-{index}", marks=FAULT)
   for name, (_, _, bad_values) in ENTRY_POINTS.items()
   for argument, values in bad_values.items()
   for index, bad in enumerate(values)
