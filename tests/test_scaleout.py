@@ -2,7 +2,7 @@
 
 The worker runs in a fresh process (the device count is fixed when JAX
 starts) on meshes ``data x noise`` of 8x1, 1x8, 4x2 and 2x4, and compares
-with one device.
+with one device; it also runs the mesh example of ``benchmarks/scaleout.py``.
 """
 
 import json
