@@ -6,6 +6,8 @@ minima by averaging gradients at antithetic weight perturbations ``W +/- U``.
 * :func:`noise_stability` and :func:`nso`: the Optax transformation;
 * :func:`accumulate`, :func:`check_chain`, :func:`get_sigma`,
   :func:`set_sigma`: composing it with Optax;
+* :func:`curvature_readings`: the Hessian's trace read from NSO's own
+  perturbed losses, at the cost of one forward pass;
 * :func:`noise_stability_gradient`: the estimator itself, one call;
 * :func:`noise_resolution`: how much of the noise half precision holds;
 * :func:`sample_noise`: the pytree noise sampler;
@@ -24,6 +26,8 @@ from nso_jax._src.noise import sample_noise
 from nso_jax._src.nonfinite import SkipNonfiniteState
 from nso_jax._src.nonfinite import skip_nonfinite
 from nso_jax._src.precision import noise_resolution
+from nso_jax._src.readings import CurvatureReadings
+from nso_jax._src.readings import curvature_readings
 from nso_jax._src.transform import AccumulationState
 from nso_jax._src.transform import NoiseStabilityState
 from nso_jax._src.transform import accumulate
@@ -39,11 +43,13 @@ __all__ = [
   "NOISE_DISTRIBUTIONS",
   "NOISE_NAMES",
   "AccumulationState",
+  "CurvatureReadings",
   "NoiseStabilityState",
   "SkipNonfiniteState",
   "accumulate",
   "batching",
   "check_chain",
+  "curvature_readings",
   "get_sigma",
   "hessian",
   "noise_resolution",

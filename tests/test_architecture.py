@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "nso_jax" / "_src"
-NSO_CORE = {"estimator", "transform", "nonfinite", "precision"}
+NSO_CORE = {"estimator", "transform", "readings", "nonfinite", "precision"}
 CURVATURE = {
   "operators",
   "data_plans",

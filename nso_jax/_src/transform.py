@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
@@ -243,6 +246,8 @@ def noise_stability(
     if settings.per_shard_noise:
       data_axes = settings.estimator.data_axes
       pairs_key = jax.random.fold_in(step_key, mesh.device_index(data_axes))
+    for observer in getattr(_observing, "observers", ()):
+      observer(settings, sigma_now)
     value, grads = estimator.estimate(
       settings.estimator, grad_fn, params, pairs_key, sigma_now
     )
@@ -255,6 +260,37 @@ def noise_stability(
     return grads, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The functions told, in this thread, of each update traced (observe_updates).
+_observing = threading.local()
+
+
+@contextlib.contextmanager
+def observe_updates(observer: Callable[[_Settings, Any], None]) -> Iterator[None]:
+  """Calls ``observer(settings, sigma)`` for each ``noise_stability`` update.
+
+  While the context is open, each update of :func:`noise_stability` that
+  runs (or is traced) in this thread passes its settings and the ``sigma``
+  of that step (a schedule's value at the step's count, traced under
+  ``jit``) to ``observer``, before the update computes anything (an observer
+  may raise to refuse it). This runs in Python only: the compiled update is
+  the same with or without an observer. :func:`nso_jax.curvature_readings`
+  reads the step's ``sigma`` and pairs this way.
+  """
+  observers = getattr(_observing, "observers", ())
+  _observing.observers = (*observers, observer)
+  try:
+    yield
+  finally:
+    _observing.observers = observers
+
+
+def noise_states(opt_state: Any) -> list[NoiseStabilityState]:
+  """Every :class:`NoiseStabilityState` in ``opt_state``, in tree order."""
+  is_state = lambda node: isinstance(node, NoiseStabilityState)
+  leaves = jax.tree.leaves(opt_state, is_leaf=is_state)
+  return [leaf for leaf in leaves if is_state(leaf)]
 
 
 # The recipe that keeps the settings fixing the noise out of the hyperparameters.
