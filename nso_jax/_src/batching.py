@@ -307,8 +307,8 @@ def _format_bytes(num: int) -> str:
 
 
 def _fit_in_memory(
-  strategy: str, chunk: int, requested: Execution, local_size: int, per: int
-) -> tuple[str, int]:
+  strategy: Strategy, chunk: int, requested: Execution, local_size: int, per: int
+) -> tuple[Strategy, int]:
   """``(strategy, chunk)`` with a batch that fits :func:`memory_bound`.
 
   An automatic choice (``"auto"``, or ``"host"`` inside a trace) falls back
