@@ -196,3 +196,26 @@ def test_refuses_one_sided_nso():
 def test_refuses_a_bad_decay(decay):
   with pytest.raises(ValueError, match="`decay` must be a float in \\(0, 1\\)"):
     nso_jax.curvature_readings(nso_jax.nso(optax.sgd(0.1), SIGMA, key=0), decay=decay)
+
+
+DIAGONAL = jnp.array([1.0, 2.0, 3.0])
+
+
+def diagonal_quadratic(w):
+  return 0.5 * jnp.sum(DIAGONAL * w**2) + 1.0
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_each_step_reads_with_its_own_sigma(injected):
+  # Rademacher noise on a diagonal quadratic: every reading is tr(A) exactly,
+  # so a sigma from another step would show as a wrong trace.
+  schedule = lambda count: 0.1 * (1.0 + count)
+  nso = optax.inject_hyperparams(nso_jax.nso, static_args=("num_perturbations", "key"))
+  if not injected:
+    nso = nso_jax.nso
+  inner = nso(optax.sgd(0.0), schedule, key=0, noise="rademacher")
+  tx = nso_jax.curvature_readings(inner)
+  readings = run(tx, diagonal_quadratic, W0, tx.init(W0), 3)[1]
+  np.testing.assert_allclose(readings.trace, 6.0, rtol=1e-4)
+  np.testing.assert_allclose(readings.gap, 0.3**2 / 2 * 6.0, rtol=1e-4)
+  assert float(readings.trace_stderr) < 1e-3

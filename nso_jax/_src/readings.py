@@ -181,7 +181,9 @@ def _next_readings(
   taken = (sigma > 0) & jnp.isfinite(trace) & jnp.isfinite(relative)
   count = old.count + taken.astype(jnp.int32)
   # The bias-corrected EMA's weight of the newest of t readings.
-  alpha = (1 - decay) / (1 - jnp.power(jnp.float32(decay), count.astype(jnp.float32)))
+  # (The first is exactly 1: the first reading owes nothing to the zeros.)
+  power = jnp.power(jnp.float32(decay), count.astype(jnp.float32))
+  alpha = jnp.where(count <= 1, 1.0, (1 - jnp.float32(decay)) / (1 - power))
   alpha = jnp.where(taken, alpha, 0.0)
   trace = jnp.where(taken, trace, old.trace)
   relative = jnp.where(taken, relative, old.relative_gap)
