@@ -219,3 +219,14 @@ def test_each_step_reads_with_its_own_sigma(injected):
   np.testing.assert_allclose(readings.trace, 6.0, rtol=1e-4)
   np.testing.assert_allclose(readings.gap, 0.3**2 / 2 * 6.0, rtol=1e-4)
   assert float(readings.trace_stderr) < 1e-3
+
+
+@pytest.mark.fault("correct")
+def test_a_step_without_noise_is_not_counted():
+  schedule = lambda count: jnp.where(count == 1, 0.0, 0.1)  # no noise at step 1
+  inner = nso_jax.nso(optax.sgd(0.0), schedule, key=0, noise="rademacher")
+  tx = nso_jax.curvature_readings(inner)
+  readings = run(tx, diagonal_quadratic, W0, tx.init(W0), 3)[1]
+  assert int(readings.count) == 2
+  np.testing.assert_allclose(readings.trace, 6.0, rtol=1e-4)
+  assert np.isfinite(readings.trace_stderr) and np.isfinite(readings.relative_gap)
