@@ -231,10 +231,11 @@ def curvature_readings(
   The running estimates are bias-corrected exponential moving averages, as
   Adam's: after ``t`` readings the reading ``i`` has weight ``w_i = (1 - d)
   d^(t-i) / (1 - d^t)``. For independent readings of variance ``v`` the
-  estimate has variance ``v q_t``, ``q_t = sum_i w_i^2 = (1 - d)(1 + d^t) /
-  ((1 + d)(1 - d^t))``, which is ``v`` at ``t = 1`` and tends to ``v (1 - d)
-  / (1 + d)``: about ``(1 + d) / (1 - d)`` readings' worth (19 at ``d =
-  0.9``). The weighted variance of the readings about the estimate has mean
+  estimate has variance ``v q_t``, with ``q_t = sum_i w_i^2 = (1 - d)^2 (1 -
+  d^(2t)) / ((1 - d^t)^2 (1 - d^2)) = (1 - d)(1 + d^t) / ((1 + d)(1 -
+  d^t))`` (a geometric sum): ``q_1 = 1``, and ``q_t`` falls to ``(1 - d) /
+  (1 + d)``, the variance of ``(1 + d) / (1 - d)`` readings averaged (19 at
+  ``d = 0.9``). The weighted variance of the readings about the estimate has mean
   ``v (1 - q_t)``, so the standard error is ``sqrt(var q_t / (1 - q_t))``.
   It assumes the curvature changes little over those readings.
 
