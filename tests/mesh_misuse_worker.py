@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -156,12 +157,16 @@ def reference_value(name):
 def run_case(run, reference):
   """``{"raised", "error", "message", "value", "reference"}`` for one case."""
   report = {"reference": reference_value(reference)}
-  try:
-    value = run()
-  except Exception as error:  # the outcome under test
-    report.update(raised=True, error=type(error).__name__, message=str(error))
-    return report
-  report.update(raised=False, value=flat(value))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      value = run()
+    except Exception as error:  # the outcome under test
+      report.update(raised=True, error=type(error).__name__, message=str(error))
+      return report
+  report.update(
+    raised=False, value=flat(value), warnings=[str(w.message) for w in caught]
+  )
   return report
 
 

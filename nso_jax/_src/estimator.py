@@ -380,9 +380,11 @@ def noise_stability_gradient(
       ``ValueError`` naming the axis for a ``grad_fn`` whose loss varies over
       a mesh axis that is neither ``data_axis`` nor one the parameters vary
       over (a batch split there: the estimate would be that many times too
-      large), or does not vary over ``data_axis`` (already averaged: that
-      many times too small), and for a ``data_axis`` or execution axis that
-      is a :func:`jax.vmap` axis.
+      large), or, returned with the gradient, does not vary over
+      ``data_axis`` (already averaged: that many times too small), and for a
+      ``data_axis`` or execution axis that is a :func:`jax.vmap` axis. A
+      gradients-only ``grad_fn`` that applies a collective over ``data_axis``
+      gets a warning (it may average the loss or share statistics).
 
   Example:
     >>> import jax, jax.numpy as jnp

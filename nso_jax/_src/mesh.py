@@ -9,6 +9,7 @@ version (the types exist from JAX 0.6.1; before, values pass unchanged).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -258,9 +259,11 @@ def check_declared_axes(
     (``returns_value=False``, gradients only), such an axis is one that some
     value inside ``fn`` varies over, while ``fn`` applies no collective over
     it when the parameters vary over it too;
-  * a loss that does not vary over a declared data axis (or, without a
-    value, a function that applies a collective over one) is already
-    averaged over it: averaging it again would divide by the axis's size.
+  * a loss that does not vary over a declared data axis is already averaged
+    over it: averaging it again would divide by the axis's size. Without a
+    value, a collective over a declared data axis may average the loss or
+    only share statistics (synchronised batch norm), so it is warned about,
+    not refused.
 
   Where values are not typed as varying (JAX before 0.6.1, or a
   ``shard_map`` with ``check_vma=False``), nothing is checked.
@@ -302,6 +305,12 @@ def check_declared_axes(
   what = "loss" if returns_value else "gradient"
   for axis in sorted(stray):
     _refuse_stray(axis, name, returns_value, axis in execution_axes, fix)
+  if not returns_value:
+    # Without the loss, a collective may average it or may only share
+    # statistics (synchronised batch norm, an all_gather): warn, never refuse.
+    for axis in averaged:
+      _warn_collective(axis, name)
+    return
   for axis in averaged:
     size = axis_size((axis,))
     raise ValueError(
@@ -311,6 +320,19 @@ def check_declared_axes(
       f"then averaged over the {size} shards once; averaged twice it would be "
       f"{size} times too small. Remove the pmean from it, or drop `data_axis`."
     )
+
+
+def _warn_collective(axis: str, name: str) -> None:
+  size = axis_size((axis,))
+  warnings.warn(
+    f"`{name}` applies a collective over `data_axis`={axis!r}. If it averages "
+    f"the loss (a jax.lax.pmean of it), the estimate is {size} times too "
+    "small: with `data_axis`, it must give this device's shard's gradient. "
+    "If it only shares statistics (synchronised batch norm, an all_gather), "
+    f"this is fine. Pass jax.value_and_grad(...) as `{name}`, so that the "
+    "loss is read and this is checked exactly.",
+    stacklevel=4,
+  )
 
 
 def _refuse_stray(
