@@ -13,6 +13,10 @@ from hypothesis import settings
 # and trace comparisons). The tests check the algorithms, so on GPUs they run
 # in full float32; the environment variable carries the setting into the
 # worker processes the tests start.
+# Two test processes (pytest-xdist) share one accelerator: neither may take
+# most of its memory up front. Read when the backend starts, just below.
+if "PYTEST_XDIST_WORKER" in os.environ:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if jax.default_backend() == "gpu":
   os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -64,20 +68,16 @@ def pytest_terminal_summary(terminalreporter):
   counts: dict[tuple[str, str], int] = {}
   for status in ("passed", "failed", "error", "skipped"):
     for report in terminalreporter.stats.get(status, []):
-      if report.when != "call" and status == "passed":
-        continue
-      outcome = dict(getattr(report, "fault_outcome", ()) or ())
-      if outcome:
-        key = (outcome["outcome"], status)
-        counts[key] = counts.get(key, 0) + 1
+      outcome = dict(getattr(report, "user_properties", ())).get("fault")
+      if outcome and (report.when == "call" or status != "passed"):
+        counts[outcome, status] = counts.get((outcome, status), 0) + 1
   if counts:
     parts = ", ".join(f"{n} {o} {s}" for (o, s), n in sorted(counts.items()))
     terminalreporter.write_line(f"fault sweep: {parts}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-  outcome = yield
+def pytest_runtest_setup(item):
   marker = item.get_closest_marker("fault")
   if marker is not None:
-    outcome.get_result().fault_outcome = (("outcome", marker.args[0]),)
+    # User properties travel with the reports, also from pytest-xdist workers.
+    item.user_properties.append(("fault", marker.args[0]))
