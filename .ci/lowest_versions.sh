@@ -19,4 +19,6 @@ python -m pytest -q -p no:cacheprovider --doctest-modules \
   tests/test_reliability.py tests/test_hessian.py tests/test_trace.py \
   tests/test_lanczos.py tests/test_training.py tests/test_checkpoints.py \
   tests/test_equinox.py tests/test_bad_input_sweep.py tests/test_cli.py \
-  tests/test_param_filter.py tests/test_flatness.py
+  tests/test_param_filter.py tests/test_flatness.py tests/test_policy_faults.py \
+  tests/test_limit_faults.py tests/test_checkpoint_faults.py tests/test_readings.py \
+  tests/test_command_faults.py
