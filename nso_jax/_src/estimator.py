@@ -117,19 +117,13 @@ def estimate(
   """
   perturbed = selection.selection_mask(params, settings.param_filter)
   has_value, value_shapes, grad_shapes = gradient_shapes(grad_fn, params, perturbed)
-  # Bound here, inside the mapped function: axes of the enclosing shard_map.
-  if settings.data_axes:
-    mesh.check_axis_name(settings.data_axes, "data_axis")
-  mesh.check_mesh_axes(settings.data_axes, "data_axis")
-  execution_axes = mesh.check_axis_name(settings.execution.axis, "execution.axis")
-  mesh.check_mesh_axes(execution_axes, "execution.axis")
-  # A batch split over an undeclared axis, or a loss already averaged over a
-  # declared one, would scale the estimate by a number of devices.
+  # Inside the mapped function, the axes must be shard_map axes, and the batch
+  # split as declared: else the estimate is off by a number of devices.
   mesh.check_declared_axes(
     grad_fn,
     params,
-    data_axes=settings.data_axes,
-    execution_axes=execution_axes,
+    data_axes=mesh.check_bound_axes(settings.data_axes or None, "data_axis"),
+    execution_axes=mesh.check_bound_axes(settings.execution.axis, "execution.axis"),
     name="grad_fn",
     returns_value=has_value,
   )

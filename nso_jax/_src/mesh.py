@@ -151,6 +151,17 @@ def manual_axes() -> frozenset[str] | None:
   return frozenset(current.manual_axes)
 
 
+def check_bound_axes(axis_name: Any, name: str) -> tuple[str, ...]:
+  """The axes ``axis_name`` names, checked to be ``shard_map`` axes here.
+
+  :func:`check_axis_name`, then :func:`check_mesh_axes`: what a function
+  taking a mesh axis checks inside the mapped function.
+  """
+  axes = check_axis_name(axis_name, name)
+  check_mesh_axes(axes, name)
+  return axes
+
+
 def check_mesh_axes(axes: tuple[str, ...], name: str) -> None:
   """Raises unless every axis of ``axes`` is a manual axis of ``shard_map``.
 

@@ -351,8 +351,7 @@ def hessian_operator(
     "loss_fn",
   )
 
-  data_axes = mesh.check_axis_name(data_axis, "data_axis")
-  mesh.check_mesh_axes(data_axes, "data_axis")
+  data_axes = mesh.check_bound_axes(data_axis, "data_axis")
   check_loss_axes(restricted_loss, selected, plan.first_batch(), data_axes, params)
   mode = resolve_hvp_mode(mode, restricted_loss, selected, plan.first_batch(), selected)
 
