@@ -8,14 +8,9 @@ CPU devices (8x1 and 2x4 meshes), and reports what each raised or returned
 beside one device's value.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from workers import run_worker
 
 # Refused cases: the message names the axis and the fix.
 DATA_AXIS_FIX = ("'data'", "data_axis='data'", "jax.lax.pmean(loss, 'data')")
@@ -62,12 +57,7 @@ CORRECT = ("layer_traces_with_data_axis", "direction_curvature_with_data_axis")
 
 @pytest.fixture(scope="module")
 def report():
-  worker = pathlib.Path(__file__).parent / "mesh_misuse_worker.py"
-  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-  result = subprocess.run(
-    [sys.executable, str(worker)], capture_output=True, text=True, env=env, check=True
-  )
-  found = json.loads(result.stdout.strip().splitlines()[-1])
+  found = run_worker("mesh_misuse_worker.py")
   assert found["num_devices"] == 8
   return found
 

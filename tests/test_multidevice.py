@@ -1,19 +1,10 @@
 """NSO under data parallelism on 8 simulated devices equals one device."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
+from workers import run_worker
 
 
 def test_nso_step_on_eight_devices_matches_one_device():
-  worker = pathlib.Path(__file__).parent / "multidevice_worker.py"
-  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-  result = subprocess.run(
-    [sys.executable, str(worker)], capture_output=True, text=True, env=env, check=True
-  )
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = run_worker("multidevice_worker.py")
   assert report["num_devices"] == 8
   assert report["sharded_batch_devices"] == 8
   # Training moved the parameters; both multi-device versions (jit with a

@@ -5,13 +5,8 @@ starts) on meshes ``data x noise`` of 8x1, 1x8, 4x2 and 2x4, and compares
 with one device; it also runs the mesh example of ``benchmarks/scaleout.py``.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
+from workers import run_worker
 
 from nso_jax.batching import Execution
 
@@ -20,13 +15,7 @@ MESHES = ("8x1", "1x8", "4x2", "2x4")
 
 @pytest.fixture(scope="module")
 def report():
-  worker = pathlib.Path(__file__).parent / "scaleout_worker.py"
-  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-  result = subprocess.run(
-    [sys.executable, str(worker)], capture_output=True, text=True, env=env
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_worker("scaleout_worker.py")
 
 
 @pytest.mark.parametrize("layout", ["replicated", "sharded"])
