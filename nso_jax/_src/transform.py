@@ -247,7 +247,8 @@ def noise_stability(
       data_axes = settings.estimator.data_axes
       pairs_key = jax.random.fold_in(step_key, mesh.device_index(data_axes))
     for observer in getattr(_observing, "observers", ()):
-      observer(settings, sigma_now)
+      replaced = observer(settings, sigma_now)
+      sigma_now = sigma_now if replaced is None else replaced
     value, grads = estimator.estimate(
       settings.estimator, grad_fn, params, pairs_key, sigma_now
     )
@@ -267,16 +268,21 @@ _observing = threading.local()
 
 
 @contextlib.contextmanager
-def observe_updates(observer: Callable[[_Settings, Any], None]) -> Iterator[None]:
+def observe_updates(
+  observer: Callable[[_Settings, Any], Any | None],
+) -> Iterator[None]:
   """Calls ``observer(settings, sigma)`` for each ``noise_stability`` update.
 
   While the context is open, each update of :func:`noise_stability` that
   runs (or is traced) in this thread passes its settings and the ``sigma``
   of that step (a schedule's value at the step's count, traced under
   ``jit``) to ``observer``, before the update computes anything (an observer
-  may raise to refuse it). This runs in Python only: the compiled update is
-  the same with or without an observer. :func:`nso_jax.curvature_readings`
-  reads the step's ``sigma`` and pairs this way.
+  may raise to refuse it). An observer returns ``None``, or the ``sigma``
+  the step uses instead; observers run from the outermost context inwards,
+  each seeing the ``sigma`` the ones before it returned. This runs in Python
+  only: the compiled update is the same with or without an observer that
+  returns ``None``. :func:`nso_jax.curvature_readings` reads the step's
+  ``sigma`` and pairs this way, and :func:`nso_jax.tune_sigma` sets it.
   """
   observers = getattr(_observing, "observers", ())
   _observing.observers = (*observers, observer)
