@@ -10,7 +10,8 @@ pytree of parameters and any data set, inside ``jax.jit``. Three layers:
   :func:`xtrace`, :func:`lanczos_eigenvalues`, :func:`lanczos_ritz` (with
   residual bounds), :func:`lanczos_tridiag`,
   :func:`power_iteration` and :func:`stochastic_lanczos_quadrature`;
-* one call on a loss: :func:`trace`, :func:`top_eigenvalues`,
+* one call on a loss: :func:`trace`, :func:`weighted_trace` (the
+  trace a noise geometry regularises), :func:`top_eigenvalues`,
   :func:`eigenvalues`, :func:`max_eigenvalue`, :func:`spectral_density`,
   :func:`hessian_diagonal`, :func:`hessian_frobenius_norm`, and the Fisher
   and Gauss-Newton traces :func:`empirical_fisher_trace`,
@@ -44,6 +45,7 @@ from nso_jax._src.curvature_measures import max_eigenvalue
 from nso_jax._src.curvature_measures import spectral_density
 from nso_jax._src.curvature_measures import top_eigenvalues
 from nso_jax._src.curvature_measures import trace
+from nso_jax._src.curvature_measures import weighted_trace
 from nso_jax._src.data_plans import StackedBatches
 from nso_jax._src.diagonal import DiagonalEstimate
 from nso_jax._src.diagonal import hessian_diagonal
@@ -126,5 +128,6 @@ __all__ = [
   "top_eigenvalues",
   "trace",
   "trace_bound_term",
+  "weighted_trace",
   "xtrace",
 ]

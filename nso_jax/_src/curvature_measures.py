@@ -23,10 +23,12 @@ import jax.numpy as jnp
 
 from nso_jax._src import batching
 from nso_jax._src import checks
+from nso_jax._src import geometry
 from nso_jax._src import lanczos
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import operators
+from nso_jax._src import selection
 from nso_jax._src import stochastic_trace
 from nso_jax._src.checks import PyTree
 from nso_jax._src.operators import LossFn
@@ -115,6 +117,88 @@ def trace(
     stochastic_trace.hutch_pp if method == "hutch++" else stochastic_trace.xtrace
   )
   return estimator(*operator, key, num_matvecs=num_matvecs, execution=execution)
+
+
+def weighted_trace(
+  loss_fn: LossFn,
+  params: PyTree,
+  data: Any,
+  key: checks.KeyLike,
+  *,
+  sigma: Any,
+  num_matvecs: int = 100,
+  method: str = "hutchinson",
+  execution: batching.ExecutionLike = "auto",
+  param_filter: ParamFilter = None,
+  data_axis: mesh.AxisName | None = None,
+) -> stochastic_trace.TraceEstimate:
+  r"""The Hessian's trace weighted by the noise: :math:`\operatorname{tr}(\Sigma H)`.
+
+  NSO with noise :math:`U = \sigma S(W) Z` (a noise geometry: per leaf,
+  per filter, per element) smooths the loss into :math:`L + \frac12
+  \operatorname{tr}(\Sigma H) + O(\sigma^4)`, :math:`\Sigma =
+  \operatorname{diag}(\sigma^2 S(W)^2)`: this is the curvature such a run
+  regularises, and twice the expectation of
+  :func:`~nso_jax.hessian.noise_stability_measure` with the same ``sigma``.
+  For a scalar ``sigma`` it is :math:`\sigma^2 \operatorname{tr}(H)`.
+
+  It is :func:`trace` of the loss as a function of :math:`\delta` in
+  :math:`W + \sigma S(W) \delta`, at :math:`\delta = 0`, whose Hessian is
+  :math:`\sigma^2 S H S`: the same probes, methods and standard error.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch.
+    params: the parameters :math:`W`, any pytree of float arrays.
+    data: one batch, a list or iterator of batches, or :class:`StackedBatches`.
+    key: an int seed or a ``jax.random.key``.
+    sigma: the noise's scale as NSO takes it: a float, a pytree of floats
+      per leaf, or a geometry (:func:`nso_jax.leafwise`,
+      :func:`nso_jax.filterwise`, :func:`nso_jax.elementwise`) with a
+      constant factor.
+    num_matvecs: the budget of Hessian-vector products.
+    method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+    execution: how the probes' products run (see :func:`trace`).
+    param_filter: the leaves perturbed (see :func:`hessian_operator`).
+    data_axis: inside :func:`jax.shard_map`, the mesh axis over which
+      ``data`` is split (see :func:`trace`).
+
+  Returns:
+    A :class:`~nso_jax.hessian.TraceEstimate` of :math:`\operatorname{tr}(\Sigma H)`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import nso_jax
+    >>> from nso_jax import hessian
+    >>> loss = lambda w, x: 0.5 * jnp.sum(x * w ** 2)  # H = diag(x)
+    >>> x, w = jnp.array([1.0, 2.0]), jnp.array([3.0, 1.0])
+    >>> estimate = hessian.weighted_trace(  # (0.1 |w|)^2 x: 0.09 + 0.02
+    ...     loss, w, x, key=0, sigma=nso_jax.elementwise(0.1, eps=0.0))
+    >>> print(f"{float(estimate.value):.2f}")
+    0.11
+  """
+  operators.hessian_operator(
+    loss_fn, params, data, param_filter=param_filter, data_axis=data_axis
+  )
+  selected, merge = selection.select(params, param_filter)
+  std, _ = selection.select(geometry.noise_std(sigma, params), param_filter)
+
+  def shifted_loss(delta: PyTree, batch: Any) -> jax.Array:
+    moved = jax.tree.map(
+      lambda w, s, d: w + (s * d).astype(jnp.result_type(w)), selected, std, delta
+    )
+    return loss_fn(merge(moved), batch)
+
+  origin = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.result_type(w)), selected)
+  return trace(
+    shifted_loss,
+    origin,
+    data,
+    key,
+    num_matvecs=num_matvecs,
+    method=method,
+    execution=execution,
+    data_axis=data_axis,
+  )
 
 
 def eigenvalues(

@@ -23,6 +23,7 @@ import numpy as np
 
 from nso_jax._src import batching
 from nso_jax._src import checks
+from nso_jax._src import geometry
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import selection
@@ -100,15 +101,22 @@ def _to_accumulator(tree: Any) -> Any:
 
 
 def estimate(
-  settings: Estimator, grad_fn: GradFn, params: Any, key: jax.Array, sigma: Any
+  settings: Estimator,
+  grad_fn: GradFn,
+  params: Any,
+  key: jax.Array,
+  sigma: Any,
+  scales: list[Any] | None = None,
 ) -> tuple[Any, Any]:
   r"""Perturbs, evaluates the pairs and averages: the estimator itself.
 
   Pair ``j`` draws unit-variance noise ``Z_j`` from ``fold_in(key, j)``,
-  scales it, ``U_j = sigma Z_j``, and evaluates ``grad_fn`` at ``W + U_j``
-  and ``W - U_j`` (only the first if one-sided). The pairs run as
-  ``settings.execution`` says; one ``psum`` over the data and pair axes sums
-  them and the data shards; the sum is scaled to the mean.
+  scales it, ``U_j = sigma Z_j`` (``sigma S Z_j`` with the noise geometry's
+  per-leaf ``scales`` ``S``, see ``geometry.relative_scales``), and
+  evaluates ``grad_fn`` at ``W + U_j`` and ``W - U_j`` (only the first if
+  one-sided). The pairs run as ``settings.execution`` says; one ``psum``
+  over the data and pair axes sums them and the data shards; the sum is
+  scaled to the mean.
 
   Returns:
     ``(value, G)``: ``G`` like ``params``, ``value`` the mean of the values
@@ -134,6 +142,10 @@ def estimate(
   # A run-time sigma is checked where it is used: an invalid one gives NaN,
   # never a silently different step (a negative sigma would act as |sigma|).
   sigma = checks.nan_unless_valid(sigma, minimum=0.0)
+  if scales is None:
+    std = [sigma] * len(leaves)
+  else:  # computed once per update, outside the pairs
+    std = [sigma if s is None else sigma * s for s in scales]
 
   def evaluate(shift: Callable, u: list[jax.Array]) -> tuple[Any, Any]:
     """``(value, grads)`` at ``W`` shifted by ``u``, in at least float32."""
@@ -153,7 +165,10 @@ def estimate(
     z = noise_lib.sample_noise(
       jax.random.fold_in(key, index), noise_params, settings.noise
     )
-    u = [zi * jnp.asarray(sigma, zi.dtype) for zi in jax.tree.leaves(z)]
+    u = [
+      zi * jnp.asarray(si, zi.dtype)
+      for zi, si in zip(jax.tree.leaves(z), std, strict=True)
+    ]
     total = evaluate(jnp.add, u)
     if not settings.one_sided:
       total = jax.tree.map(jnp.add, total, evaluate(jnp.subtract, u))
@@ -402,8 +417,14 @@ def noise_stability_gradient(
   settings = make_estimator(
     num_perturbations, noise, one_sided, param_filter, execution, data_axis
   )
-  check_sigma(sigma)
+  factor, scale = geometry.split(sigma)
+  check_sigma(factor)
   value, grads = estimate(
-    settings, grad_fn, params, checks.canonicalize_key(key), sigma
+    settings,
+    grad_fn,
+    params,
+    checks.canonicalize_key(key),
+    factor,
+    geometry.relative_scales(scale, params),
   )
   return grads if value is None else (value, grads)

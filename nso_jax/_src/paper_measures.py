@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import data_plans
+from nso_jax._src import geometry
 from nso_jax._src import groups as groups_lib
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
@@ -112,7 +113,7 @@ def noise_stability_measure(
   data: Any,
   key: checks.KeyLike,
   *,
-  sigma: float,
+  sigma: Any,
   num_draws: int = 20,
   noise: noise_lib.NoiseName | noise_lib.LeafSampler = "normal",
   antithetic: bool = False,
@@ -153,7 +154,13 @@ def noise_stability_measure(
     data: one batch, a list or iterator of batches, or :class:`StackedBatches`
       (see :func:`hessian_operator`).
     key: an int seed or a ``jax.random.key``.
-    sigma: the noise's standard deviation :math:`\sigma \ge 0`. It may be
+    sigma: the noise's standard deviation :math:`\sigma \ge 0`, or a
+      noise geometry as NSO takes it (a pytree of floats per leaf,
+      :func:`nso_jax.leafwise`, :func:`nso_jax.filterwise`,
+      :func:`nso_jax.elementwise`; not a schedule): then :math:`U_j =
+      \sigma S(W) Z_j` and the expectation is :math:`\frac12
+      \operatorname{tr}(\Sigma H)`, which
+      :func:`~nso_jax.hessian.weighted_trace` measures. It may be
       traced; a traced one that is negative or not finite makes the
       estimate NaN, as it makes NSO's update NaN. With half-precision
       parameters, a ``sigma`` whose noise ``W + U`` mostly rounds away
@@ -189,6 +196,12 @@ def noise_stability_measure(
     Hessian-based Regularization Approach", TMLR 2024 (arXiv:2306.08553).
   """
   num = checks.check_positive_int(num_draws, "num_draws")
+  sigma, noise_scale = geometry.split(sigma)
+  if callable(sigma):
+    raise ValueError(
+      "`sigma` must be a float >= 0 (or a noise geometry with one), got a "
+      "schedule: pass its value at the step measured."
+    )
   sigma = checks.check_scalar(sigma, "sigma", minimum=0.0)
   if not callable(noise):
     noise_lib.check_noise(noise)
@@ -199,7 +212,10 @@ def noise_stability_measure(
   # Validates params, data, loss_fn and param_filter as every measure does.
   operators.hessian_operator(loss_fn, params, data, param_filter=param_filter)
   selected, merge = selection.select(params, param_filter)
-  _warn_if_noise_rounds_away(selected, sigma, key, noise)
+  scales = geometry.relative_scales(noise_scale, selected)
+  if scales is None:
+    _warn_if_noise_rounds_away(selected, sigma, key, noise)
+    scales = [None] * len(jax.tree.leaves(selected))
   # A traced sigma follows NSO's run-time policy: an invalid one gives NaN.
   sigma = checks.nan_unless_valid(sigma, minimum=0.0)
   plan = data_plans.make_plan(data)
@@ -208,9 +224,16 @@ def noise_stability_measure(
   )
   mean_loss = _mean_loss(loss_fn, plan, loss_dtype)
 
-  def shifted(z: PyTree, scale: jax.Array) -> PyTree:
+  def shifted(z: PyTree, factor: jax.Array) -> PyTree:
+    leaves, treedef = jax.tree.flatten(selected)
     return merge(
-      jax.tree.map(lambda w, u: w + (scale * u).astype(w.dtype), selected, z)
+      jax.tree.unflatten(
+        treedef,
+        [
+          w + (factor * u if s is None else factor * s * u).astype(w.dtype)
+          for w, u, s in zip(leaves, jax.tree.leaves(z), scales, strict=True)
+        ],
+      )
     )
 
   def perturbed_loss(j: jax.Array) -> jax.Array:

@@ -19,12 +19,14 @@ import optax
 from nso_jax._src import batching
 from nso_jax._src import checks
 from nso_jax._src import estimator
+from nso_jax._src import geometry
 from nso_jax._src import mesh
 from nso_jax._src import noise as noise_lib
 from nso_jax._src import nonfinite
 from nso_jax._src import selection
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+Sigma = ScalarOrSchedule | geometry.NoiseScale | checks.PyTree
 
 
 @nonfinite.advance_when_skipped  # a skipped step still draws fresh noise
@@ -60,10 +62,12 @@ def _make_settings(
   clean_weight: Any,
   per_shard_noise: Any,
 ) -> _Settings:
-  if callable(sigma):
-    checks.check_scalar(sigma(jnp.zeros([], jnp.int32)), "sigma(0)", minimum=0.0)
+  sigma = geometry.as_noise_scale(sigma)
+  factor, _ = geometry.split(sigma)
+  if callable(factor):
+    checks.check_scalar(factor(jnp.zeros([], jnp.int32)), "sigma(0)", minimum=0.0)
   else:
-    estimator.check_sigma(sigma)
+    estimator.check_sigma(factor)
   checks.check_scalar(clean_weight, "clean_weight", minimum=0.0, maximum=1.0)
   if not checks.is_traced(clean_weight):
     clean_weight = float(clean_weight)
@@ -79,7 +83,7 @@ def _make_settings(
 
 
 def noise_stability(
-  sigma: ScalarOrSchedule,
+  sigma: Sigma,
   num_perturbations: int = 1,
   *,
   key: checks.KeyLike,
@@ -139,7 +143,15 @@ def noise_stability(
 
   Args:
     sigma: the noise standard deviation, a float >= 0 or a schedule mapping
-      the update count to it (e.g. ``optax.linear_schedule`` for a warm-up).
+      the update count to it (e.g. ``optax.linear_schedule`` for a warm-up);
+      or a noise geometry: a pytree of floats, one standard deviation per
+      leaf, or :func:`nso_jax.leafwise`, :func:`nso_jax.filterwise` (scaled
+      by each filter's norm), :func:`nso_jax.elementwise` (scaled by
+      ``|w|``). Then ``U_j = sigma S(W) Z_j`` with ``S(W)`` computed at each
+      update and held fixed during it, and the step follows the gradient of
+      ``L + (1/2) tr(Sigma H)``, ``Sigma = diag(sigma**2 S(W)**2)``
+      (:func:`nso_jax.hessian.weighted_trace` measures it). The
+      half-precision warning tests a scalar ``sigma`` only.
     num_perturbations: ``k``, the number of noise pairs per update (``2k``
       gradient evaluations; ``k`` if ``one_sided``).
     key: an int seed or a PRNG key. Required: there is no default seed.
@@ -222,6 +234,7 @@ def noise_stability(
   precision_checked: list[bool] = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
+    geometry.check_fits(settings.sigma, params)
     if not precision_checked:  # once per transformation
       precision_checked.append(True)
       _warn_if_noise_rounds_away(settings, params, key)
@@ -240,8 +253,8 @@ def noise_stability(
     del extra_args
     grad_fn, params = _needed(grad_fn, params)
     step_key, next_key = jax.random.split(state.key)
-    sigma = settings.sigma
-    sigma_now = sigma(state.count) if callable(sigma) else sigma
+    factor, scale = geometry.split(settings.sigma)
+    sigma_now = factor(state.count) if callable(factor) else factor
     pairs_key = step_key
     if settings.per_shard_noise:
       data_axes = settings.estimator.data_axes
@@ -250,7 +263,12 @@ def noise_stability(
       replaced = observer(settings, sigma_now)
       sigma_now = sigma_now if replaced is None else replaced
     value, grads = estimator.estimate(
-      settings.estimator, grad_fn, params, pairs_key, sigma_now
+      settings.estimator,
+      grad_fn,
+      params,
+      pairs_key,
+      sigma_now,
+      geometry.relative_scales(scale, params),
     )
     grads = _mix_clean_gradient(settings, updates, params, grad_fn, grads)
     new_state = NoiseStabilityState(
@@ -344,9 +362,9 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
   is not checked; a schedule is checked at step 0. The measures warn by the
   same test (``noise.rounding_problem``).
   """
-  sigma = settings.sigma
+  sigma, scale = geometry.split(settings.sigma)
   sigma = sigma(jnp.zeros([], jnp.int32)) if callable(sigma) else sigma
-  if checks.is_traced(sigma):
+  if checks.is_traced(sigma) or scale is not None:
     return
   what = noise_lib.rounding_problem(
     params,
@@ -466,7 +484,7 @@ def _clean_gradient(
 
 def nso(
   optimizer: optax.GradientTransformation,
-  sigma: ScalarOrSchedule,
+  sigma: Sigma,
   num_perturbations: int = 1,
   *,
   key: checks.KeyLike,
@@ -494,7 +512,8 @@ def nso(
   Args:
     optimizer: the base optimizer, e.g. ``optax.sgd(0.1, momentum=0.9)`` or
       ``optax.adamw(1e-3)``.
-    sigma: the noise standard deviation or its schedule.
+    sigma: the noise standard deviation, its schedule, or a noise geometry
+      (see :func:`noise_stability`).
     num_perturbations: ``k``, the number of noise pairs per update.
     key: an int seed or a PRNG key.
     noise: the noise distribution (see :func:`noise_stability`).
