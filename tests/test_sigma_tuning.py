@@ -88,6 +88,18 @@ def test_a_schedule_is_multiplied_by_the_scale(start):
   np.testing.assert_allclose(sigmas, before * configured, rtol=1e-6)
 
 
+def test_a_noise_geometry_has_its_factor_tuned():
+  # With U = sigma (|w| + eps) Z the gap is (sigma^2 / 2) tr(S^2 A), S = |w| +
+  # eps, and the readings' trace is tr(S^2 A): the factor sigma is tuned.
+  weighted = float(jnp.sum(CURVATURES * (jnp.abs(W0) + 0.5) ** 2))
+  star = math.sqrt(2 * TARGET * float(quadratic(W0)) / weighted)
+  tx = tuned(nso_jax.elementwise(star / 2, eps=0.5), "vmap")
+  step = jax.jit(lambda state: tx.update(None, state, W0, grad_fn=GRAD_FN)[1])
+  sigmas = trajectory(step, tx.init(W0), 30)[1]
+  assert sigmas[0] == pytest.approx(star / 2, rel=1e-6)
+  np.testing.assert_allclose(sigmas[20:], star, rtol=0.1)
+
+
 @pytest.mark.parametrize("execution", ["map", "unroll"])
 def test_every_execution_gives_the_same_sigmas(execution):
   expected, _ = converging(0.5)

@@ -29,7 +29,8 @@ class SigmaTuningState(NamedTuple):
 
   Attributes:
     scale: the multiplier of the configured ``sigma`` (a schedule's value at
-      the step, or the injected one) that the next update uses; 1 at first.
+      the step, the injected one, or a noise geometry's factor) that the next
+      update uses; 1 at first.
     last_sigma: the ``sigma`` the last update used, ``scale`` times the
       configured one (0 before the first update), for logs and plots.
   """
@@ -98,9 +99,9 @@ def tune_sigma(
   :func:`nso_jax.noise_stability` (e.g. :func:`nso_jax.nso`); it is wrapped
   in :func:`nso_jax.curvature_readings` (same ``grad_fn`` returning ``(loss,
   grads)``, same refusals). Each update uses ``sigma = scale * sigma_c``,
-  ``sigma_c`` the configured ``sigma`` (a schedule's value at the step, or
-  the injected one, so schedules still act), and then moves ``scale``
-  towards the relative gap ``target``:
+  ``sigma_c`` the configured ``sigma`` (a schedule's value at the step, the
+  injected one, or a noise geometry's factor, so schedules and geometries
+  still act), and then moves ``scale`` towards the relative gap ``target``:
 
   .. math::
 
@@ -112,8 +113,10 @@ def tune_sigma(
   with ``tr H`` the readings' running trace, ``L(W)`` the step's clean loss,
   ``rho`` the ``rate`` and ``r*`` the ``target``; ``r_hat <= 0`` (a trace
   estimate that noise or negative curvature puts at or below 0) counts as
-  too small, ``+log 2``. A step without a reading (``sigma = 0``, a
-  non-finite loss) or with a loss ``<= 0`` leaves ``scale`` as it is.
+  too small, ``+log 2``. With a noise geometry ``U = sigma S(W) Z`` the
+  readings' trace is ``tr(S^2 H)`` and the same law holds. A step without a
+  reading (``sigma = 0``, a non-finite loss) or with a loss ``<= 0`` leaves
+  ``scale`` as it is.
 
   Why it converges: ``r_hat`` grows as ``sigma**2``, so with ``e = log(s /
   s*)``, ``s*`` the scale where ``r_hat = target``, ``log(target / r_hat) =
