@@ -177,6 +177,7 @@ def main() -> None:
   print(f"task 2 test loss, Flat-LoRA:     {r['task2_test_after']:.4f}")
   print(f"task 2 test loss, plain LoRA:    {r['task2_test_plain_lora']:.4f}")
   print(f"frozen weights bit-identical:    {r['base_unchanged']}")
+  print(f"factors a and b trained:         {r['lora_changed']}")
   print(f"rank of a @ b: {r['rank']}; {r['trainable']} trained, {r['frozen']} frozen")
   for name in ("flat", "plain"):
     t = r[f"trace_{name}"]

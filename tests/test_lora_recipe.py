@@ -84,7 +84,21 @@ def readings():
         at = {"base": params["base"] + sign * u, "lora": params["lora"]}
         grads.append(jax.grad(loss)(at)["lora"])
         losses.append(merged_loss(merged + sign * u))
+    # Filter-wise noise on `base`: scaled by the norms of W's columns (the
+    # frozen leaf's filters), not of the merged kernel's.
+    filterwise_value, _ = nso_jax.noise_stability_gradient(
+      lora_grad_fn,
+      params,
+      key,
+      sigma=nso_jax.filterwise(SIGMA),
+      one_sided=True,
+      param_filter=base_only,
+    )
+    z = nso_jax.sample_noise(jax.random.fold_in(key, 0), params)["base"]
+    column_norms = jnp.linalg.norm(params["base"], axis=0)
     return {
+      "filterwise": filterwise_value,
+      "filterwise_by_hand": merged_loss(merged + SIGMA * column_norms * z),
       "estimate": estimate(lora_grad_fn),
       "by_hand": jax.tree.map(lambda *g: sum(g) / len(g), *grads),
       "losses": jnp.stack(losses),
@@ -114,6 +128,11 @@ def test_noise_on_base_is_noise_on_the_merged_kernel():
   value, _ = r["estimate"]
   np.testing.assert_allclose(value, np.mean(r["losses"]), rtol=1e-6)
   assert float(np.min(np.abs(np.asarray(r["losses"]) - r["clean"][0]))) > 1e-4
+
+
+def test_filterwise_noise_on_base_is_scaled_by_the_frozen_kernels_filters():
+  r = readings()
+  np.testing.assert_allclose(r["filterwise"], r["filterwise_by_hand"], rtol=1e-6)
 
 
 # Noise on one layer of a two-layer network.
