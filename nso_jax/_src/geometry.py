@@ -198,7 +198,7 @@ def relative_scales(scale: NoiseScale | None, params: PyTree) -> list[Any] | Non
   paths_and_leaves = jax.tree_util.tree_leaves_with_path(params)
   if scale.geometry == "leafwise":
     return _leaf_factors(scale.leaf_scales, params, paths_and_leaves)
-  scales = []
+  scales: list[Any] = []
   for _, w in paths_and_leaves:
     if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
       scales.append(None)  # a frozen non-float leaf gets no noise
