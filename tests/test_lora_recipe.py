@@ -62,7 +62,7 @@ def lora_grad_fn(params):
 
 @functools.cache
 def readings():
-  """Everything the first two tests compare, from one compiled function."""
+  """What the Flat-LoRA tests compare, from one compiled function."""
 
   @jax.jit
   def compute(params, key):
