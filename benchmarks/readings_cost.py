@@ -7,9 +7,12 @@ by side (interleaved, shuffled per round) in one process:
   ``grad_fn = jax.value_and_grad(loss)`` (NSO keeps the mean perturbed loss);
 * ``nso+readings``: the same optimizer wrapped in
   ``nso_jax.curvature_readings``, which adds the clean loss ``L(W)``;
+* ``nso+tune_sigma``: the same optimizer in ``nso_jax.tune_sigma``, which
+  reads the same way and moves ``sigma`` (a few scalar operations more);
 * ``forward``: one forward pass, ``loss(params, batch)``.
 
-It reports ``(nso+readings - nso) / forward``, the readings' cost in forward
+It reports ``(nso+readings - nso) / forward`` (and the same for
+``nso+tune_sigma``), the readings' cost in forward
 passes (1 if the unused gradient of the clean evaluation is removed as dead
 code), and the HLO op counts of each compiled program (as
 ``benchmarks/hlo_ops.py`` counts them), whose difference shows the same
@@ -35,13 +38,17 @@ from benchmarks import nso_step
 
 
 def build(params: Any, loss_fn: Any, batch: Any, k: int) -> dict[str, Any]:
-  """name -> (compiled program, its arguments), for the three candidates."""
+  """name -> (compiled program, its arguments), for the four candidates."""
   nso = optax.chain(
     nso_jax.noise_stability(nso_step.SIGMA, k, key=0),
     optax.sgd(nso_step.LEARNING_RATE),
   )
   out: dict[str, Any] = {}
-  for name, tx in (("nso", nso), ("nso+readings", nso_jax.curvature_readings(nso))):
+  for name, tx in (
+    ("nso", nso),
+    ("nso+readings", nso_jax.curvature_readings(nso)),
+    ("nso+tune_sigma", nso_jax.tune_sigma(nso, target=0.05)),
+  ):
 
     def step(params, state, batch, tx=tx):
       grad_fn = jax.value_and_grad(lambda p: loss_fn(p, batch))
@@ -68,6 +75,7 @@ def measure(size: str, k: int, repeats: int, inner: int) -> dict[str, Any]:
     counts, digest = hlo_ops.op_counts(compiled.as_text())
     ops[name] = {"total_ops": sum(counts.values()), "ops": counts, "sha256": digest}
   extra = times["nso+readings"] - times["nso"]
+  tuning_extra = times["nso+tune_sigma"] - times["nso"]
   return {
     "settings": settings,
     "num_params": _common.num_params(params),
@@ -79,6 +87,7 @@ def measure(size: str, k: int, repeats: int, inner: int) -> dict[str, Any]:
     "ratios": {
       "readings_extra_over_forward": extra / times["forward"],
       "readings_over_nso": times["nso+readings"] / times["nso"],
+      "tune_sigma_extra_over_forward": tuning_extra / times["forward"],
       "extra_ops": ops["nso+readings"]["total_ops"] - ops["nso"]["total_ops"],
       "forward_ops": ops["forward"]["total_ops"],
     },
@@ -107,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
       f"mlp k={k}: "
       + ", ".join(f"{n}={t:.3f}ms" for n, t in times.items())
       + f" | extra/forward={entry['ratios']['readings_extra_over_forward']:.2f}"
+      + f" (tune_sigma {entry['ratios']['tune_sigma_extra_over_forward']:.2f})"
       + f" | ops: nso {entry['hlo']['nso']['total_ops']}, +readings "
       + f"{entry['hlo']['nso+readings']['total_ops']}, forward "
       + f"{entry['hlo']['forward']['total_ops']}",
