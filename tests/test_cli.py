@@ -17,16 +17,19 @@ import time
 import zipfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import nso_jax
+from nso_jax import training
 from nso_jax.app import classifier
 from nso_jax.app import cli
 from nso_jax.app import data
 from nso_jax.app import interrupts
 from nso_jax.app import job
 from nso_jax.app import measures
+from nso_jax.app import optimizers
 from nso_jax.app import output
 from nso_jax.app import settings
 
@@ -101,20 +104,67 @@ def test_train_writes_results_and_plots(tmp_path, capsys):
     assert len(density["grid"]) == len(density["density"]) == 400
     assert np.all(np.asarray(density["density"]) >= 0)
     assert len(row["curves"]["test_accuracy"][0]) == 1
-  for name in ("curves.png", "spectrum.png", "landscape.png"):
+  for name in ("curves.png", "spectrum.png", "curvature.png", "landscape.png"):
     _check_png(out / name)
   assert sorted(os.listdir(out)) == [
+    "curvature.png",
     "curves.png",
     "landscape.png",
     "results.json",
     "spectrum.png",
   ]
+  for name, row in rows.items():
+    during = row["curvature_during_training"]
+    assert during["source"] == ("readings" if name == "nso" else "measured")
+    assert during["sigma"] == 0.05 and during["epochs"] == [1]
+    assert during["trace_mean"][0] > 0 and during["trace_mean_stderr"][0] > 0
+    assert np.isfinite(during["relative_gap"][0][0])
+  assert rows["nso"]["curvature_during_training"]["readings"] == [[39]]
   landscape = results["landscape_seed0"]
   assert len(landscape["line"]["a"]) == len(landscape["line"]["nso"]) == 21
   assert (
     np.shape(landscape["plane"]["sgd"]) == (11, 11) and "sam" not in landscape["plane"]
   )
   assert np.all(np.isfinite(landscape["plane"]["nso"]))
+
+
+@pytest.mark.fault("correct")
+def test_readings_without_a_standard_error_yet_are_null_not_a_divergence():
+  # One step in all: one reading, whose standard error is not defined yet.
+  inf = np.full((2, 1), np.inf)
+  curves = classifier.CurvatureCurves(
+    "readings", 0.05, np.ones((2, 1)), inf, np.ones((2, 1)), inf, np.ones((2, 1)), 0.0
+  )
+  during = output.strict_results({"during": job.curvature_json(curves)})["during"]
+  assert during["readings"] == [[1], [1]] and during["trace"] == [[1.0], [1.0]]
+  assert during["trace_stderr"] == [[None], [None]]
+  assert during["trace_mean"] == [1.0] and during["relative_gap_mean_stderr"] == [None]
+  # and no "nonfinite" entry: a run whose results hold one warns of divergence.
+  assert "nonfinite" not in output.strict_results({"during": during})
+
+
+def test_the_reading_step_takes_the_same_step():
+  config = job.Config(hidden=(2,))
+  model = classifier.MLP((2,), 3)
+  x, y = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), jnp.array([0, 1, 2, 1])
+  params = model.init(jax.random.key(0), x)["params"]
+  plain = optimizers.make_optimizer("nso", config)
+  read = plain._replace(tx=nso_jax.curvature_readings(plain.tx))
+
+  def start(optimizer):
+    return training.TrainState.create(
+      apply_fn=model.apply, params=params, tx=optimizer.tx
+    )
+
+  after, loss = jax.jit(classifier._step, static_argnums=(0, 1))(
+    model, plain, start(plain), x, y
+  )
+  read_after, read_loss = jax.jit(classifier._reading_step, static_argnums=(0, 1))(
+    model, read, start(read), x, y
+  )
+  jax.tree.map(np.testing.assert_array_equal, after.params, read_after.params)
+  np.testing.assert_allclose(loss, read_loss, rtol=1e-6)
+  assert int(read_after.opt_state[1].count) == 1
 
 
 def test_train_on_user_data_with_chosen_optimizers(tmp_path):

@@ -2,8 +2,9 @@
 
 :func:`train` trains one optimizer over all seeds at once (the seeds under
 ``jax.vmap``, one compiled call per epoch) and returns a :class:`Trained`
-record; :func:`check_fits` refuses, before any compile, the sizes the data
-cannot serve.
+record, with, given a :class:`CurvatureWatch`, the Hessian's trace after each
+epoch (:class:`CurvatureCurves`); :func:`check_fits` refuses, before any
+compile, the sizes the data cannot serve.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import nso_jax
+from nso_jax import hessian
 from nso_jax import training as training_lib
 from nso_jax.app import optimizers
 from nso_jax.app import settings as settings_lib
@@ -132,6 +135,54 @@ class Curves(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class CurvatureWatch:
+  """How :func:`train` follows the Hessian's trace, epoch by epoch.
+
+  NSO (two-sided) is wrapped in :func:`nso_jax.curvature_readings`, which
+  reads ``tr(H) = 2 gap / sigma**2`` from NSO's own perturbed losses and one
+  clean forward pass per step; the parameters follow the same path. Any other
+  optimizer has no such readings: after each epoch, the same quantity is
+  measured on ``batch`` by :func:`nso_jax.hessian.noise_stability_measure`
+  at the plan's ``sigma``, with ``draws`` antithetic pairs (each seed's own
+  key, the same at every epoch).
+
+  Attributes:
+    batch: the fixed ``(x, y)`` batch of the measurements.
+    draws: the antithetic pairs of each measurement.
+    decay: the readings' ``decay`` (see :func:`nso_jax.curvature_readings`).
+  """
+
+  batch: tuple[Any, Any]
+  draws: int = 4
+  decay: float = 0.9
+
+
+class CurvatureCurves(NamedTuple):
+  """The Hessian's trace after each epoch; arrays are ``(seeds, epochs)``.
+
+  Attributes:
+    source: ``"readings"`` (NSO's own, running estimates) or ``"measured"``.
+    sigma: the noise's standard deviation of the gap.
+    trace: ``2 gap / sigma**2``, the estimate of ``tr(H)``.
+    trace_stderr: its standard error.
+    relative_gap: the gap over the clean loss.
+    relative_gap_stderr: its standard error.
+    count: the readings taken (for ``"measured"``, the draws).
+    seconds: the seconds the measurements took (0 for readings: their
+      cost is in the training time).
+  """
+
+  source: str
+  sigma: float
+  trace: np.ndarray
+  trace_stderr: np.ndarray
+  relative_gap: np.ndarray
+  relative_gap_stderr: np.ndarray
+  count: np.ndarray
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Trained:
   """One optimizer trained over all seeds.
 
@@ -142,7 +193,9 @@ class Trained:
     gradient_evaluations_per_step: what a step costs.
     steps_per_epoch: the optimizer steps of an epoch.
     epochs: the epochs trained.
-    train_seconds: the seconds training took.
+    train_seconds: the seconds training took (without the measurements
+      of ``curvature``).
+    curvature: the trace after each epoch, given a :class:`CurvatureWatch`.
   """
 
   label: str
@@ -152,6 +205,7 @@ class Trained:
   steps_per_epoch: int
   epochs: int
   train_seconds: float
+  curvature: CurvatureCurves | None = None
 
   @property
   def total_steps(self) -> int:
@@ -202,8 +256,13 @@ def _epoch_function(
   data: Dataset,
   batch_size: int,
   steps: int,
+  reads: bool = False,
 ) -> Callable[..., Any]:
-  """``(states, seeds, epoch) -> (states, mean loss)`` over all seeds, jitted."""
+  """``(states, seeds, epoch) -> (states, mean loss)`` over all seeds, jitted.
+
+  With ``reads``, the optimizer is :func:`nso_jax.curvature_readings`'s,
+  whose ``grad_fn`` returns ``(loss, grads)``.
+  """
   x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 
   def epoch(state, seed, epoch_index):
@@ -218,20 +277,106 @@ def _epoch_function(
 
     def step(state, batch):
       x, y = batch
-
-      def loss_fn(params, batch_stats):
-        del batch_stats
-        return cross_entropy(model.apply({"params": params}, x), y), {}
-
-      state, metrics = training_lib.train_step(
-        state, loss_fn, clean_gradient=optimizer.clean_gradient
-      )
-      return state, metrics["loss"]
+      if reads:
+        return _reading_step(model, optimizer, state, x, y)
+      return _step(model, optimizer, state, x, y)
 
     state, losses = jax.lax.scan(step, state, batches)
     return state, jnp.mean(losses)
 
   return jax.jit(jax.vmap(epoch, in_axes=(0, 0, None)))
+
+
+def _step(
+  model: MLP, optimizer: optimizers.Optimizer, state: Any, x: Any, y: Any
+) -> tuple[Any, jax.Array]:
+  """A step of the MLP on the batch ``(x, y)``: the new state and the loss."""
+
+  def loss_fn(params, batch_stats):
+    del batch_stats
+    return cross_entropy(model.apply({"params": params}, x), y), {}
+
+  state, metrics = training_lib.train_step(
+    state, loss_fn, clean_gradient=optimizer.clean_gradient
+  )
+  return state, metrics["loss"]
+
+
+def _reading_step(
+  model: MLP, optimizer: optimizers.Optimizer, state: Any, x: Any, y: Any
+) -> tuple[Any, jax.Array]:
+  """:func:`_step`, with a ``grad_fn`` that returns the loss too (as readings need)."""
+
+  def loss_of(params):
+    return cross_entropy(model.apply({"params": params}, x), y)
+
+  if optimizer.clean_gradient:
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+  else:
+    loss, grads = loss_of(state.params), jax.tree.map(jnp.zeros_like, state.params)
+  state = state.apply_gradients(grads=grads, grad_fn=jax.value_and_grad(loss_of))
+  return state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "sigma", "draws"))
+def _measured_gaps(
+  params: Any, seeds: jax.Array, batch: Any, *, loss_fn: Any, sigma: float, draws: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Every seed's gap on ``batch``, its standard error and the clean loss.
+
+  Compiled once per loss, ``sigma`` and ``draws``, for every optimizer.
+  """
+
+  def measure(params, seed):
+    key = jax.random.fold_in(jax.random.key(seed), 3)
+    gap = hessian.noise_stability_measure(
+      loss_fn, params, batch, key, sigma=sigma, num_draws=draws, antithetic=True
+    )
+    return gap.value, gap.stderr, loss_fn(params, batch)
+
+  return jax.vmap(measure)(params, seeds)
+
+
+class _Watcher:
+  """Collects :class:`CurvatureCurves` after each epoch."""
+
+  def __init__(
+    self, watch: CurvatureWatch, reads: bool, training: Any, num_classes: int
+  ) -> None:
+    self.sigma = float(training.sigma)
+    self.reads = reads
+    self.watch = watch
+    self.loss_fn = loss_function(tuple(training.hidden), num_classes)
+    self.points: list[tuple[np.ndarray, ...]] = []
+    self.seconds = 0.0
+
+  def __call__(self, states: Any, seeds: jax.Array) -> None:
+    start = time.perf_counter()
+    if self.reads:
+      r = states.opt_state[1]
+      point = (r.trace, r.trace_stderr, r.relative_gap, r.relative_gap_stderr)
+      count = r.count
+    else:
+      gap, stderr, loss = _measured_gaps(
+        states.params,
+        seeds,
+        self.watch.batch,
+        loss_fn=self.loss_fn,
+        sigma=self.sigma,
+        draws=self.watch.draws,
+      )
+      scale = 2 / self.sigma**2
+      point = (scale * gap, scale * stderr, gap / loss, stderr / loss)
+      count = jnp.full(gap.shape, self.watch.draws)
+    self.points.append(tuple(np.asarray(v) for v in (*point, count)))
+    if not self.reads:
+      self.seconds += time.perf_counter() - start
+
+  def curves(self) -> CurvatureCurves:
+    arrays = (np.stack(values, axis=1) for values in zip(*self.points, strict=True))
+    return CurvatureCurves(
+      "readings" if self.reads else "measured", self.sigma, *arrays, self.seconds
+    )
 
 
 def _evaluation_function(model: MLP, data: Dataset) -> Callable[..., Any]:
@@ -254,6 +399,7 @@ def train(
   safe_point: Callable[[], None] = _no_interruption,
   *,
   init_params: Callable[[int], Any] | None = None,
+  watch: CurvatureWatch | None = None,
 ) -> Trained:
   """Trains ``plan``'s optimizer over all seeds at once.
 
@@ -266,6 +412,9 @@ def train(
       where an interruption may stop the run.
     init_params: ``seed -> parameters`` to start from (e.g. pretrained ones)
       instead of a fresh initialisation.
+    watch: follow the Hessian's trace after each epoch: NSO's free readings,
+      or the same quantity measured for other optimizers (see
+      :class:`CurvatureWatch`); ``None`` (the default): not followed.
 
   Returns:
     The trained states, the per-epoch curves and the compute spent.
@@ -276,13 +425,21 @@ def train(
   training = plan.training
   model = MLP(tuple(training.hidden), data.num_classes)
   optimizer = optimizers.make_optimizer(plan.optimizer, training, plan.param_filter)
+  reads = watch is not None and plan.optimizer == "nso"
+  if reads:
+    assert watch is not None
+    tx = nso_jax.curvature_readings(optimizer.tx, decay=watch.decay)
+    optimizer = optimizer._replace(tx=tx)
   steps = steps_per_epoch(training, len(data.x_train))
   sample = jnp.asarray(data.x_train[:1])
   states = _initial_states(
     model, optimizer, plan.optimizer, sample, training.seeds, init_params
   )
-  run_epoch = _epoch_function(model, optimizer, data, training.batch_size, steps)
+  run_epoch = _epoch_function(model, optimizer, data, training.batch_size, steps, reads)
   run_eval = _evaluation_function(model, data)
+  watcher = (
+    None if watch is None else _Watcher(watch, reads, training, data.num_classes)
+  )
   seeds = jnp.arange(training.seeds)
   per_epoch: list[tuple[np.ndarray, ...]] = []
   advance = progress.task(f"train {plan.label}", training.epochs)
@@ -291,9 +448,11 @@ def train(
     states, epoch_loss = run_epoch(states, seeds, epoch_index)
     accuracy, train_loss = run_eval(states)
     per_epoch.append(tuple(np.asarray(v) for v in (epoch_loss, train_loss, accuracy)))
+    if watcher is not None:
+      watcher(states, seeds)
     advance()
     safe_point()
-  seconds = time.perf_counter() - start
+  seconds = time.perf_counter() - start - (watcher.seconds if watcher else 0.0)
   curves = Curves(
     *(np.stack(values, axis=1) for values in zip(*per_epoch, strict=True))
   )
@@ -305,4 +464,5 @@ def train(
     steps_per_epoch=steps,
     epochs=training.epochs,
     train_seconds=seconds,
+    curvature=None if watcher is None else watcher.curves(),
   )

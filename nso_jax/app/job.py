@@ -2,11 +2,13 @@
 
 Trains a Flax Linen MLP with plain SGD, SAM, random weight perturbation (RWP,
 one-sided noise) and NSO over several seeds (all seeds of one optimizer run
-together under ``jax.vmap``), then measures the loss Hessian of every trained
-model: its trace (Hutchinson, with a standard error), its top eigenvalue
-(Lanczos) and its spectral density (stochastic Lanczos quadrature), and draws
-the loss landscape of the first seed's SGD and NSO models along the same
-filter-normalised random directions.
+together under ``jax.vmap``), following the Hessian's trace after each epoch
+(NSO's free readings, :func:`nso_jax.curvature_readings`; the others
+measured by :func:`nso_jax.hessian.noise_stability_measure`), then measures
+the loss Hessian of every trained model: its trace (Hutchinson, with a
+standard error), its top eigenvalue (Lanczos) and its spectral density
+(stochastic Lanczos quadrature), and draws the loss landscape of the first
+seed's SGD and NSO models along the same filter-normalised random directions.
 """
 
 from __future__ import annotations
@@ -83,6 +85,65 @@ def load_data(config: Config) -> data_lib.Dataset:
     raise error.with_field("data") from None
 
 
+CURVATURE_DRAWS = 4
+"""Antithetic pairs of each per-epoch measurement of an optimizer without NSO."""
+
+CURVATURE_SOURCES = {
+  "readings": "free readings: NSO's own perturbed losses on its mini-batches "
+  "and one clean forward pass per step (curvature_readings, running "
+  "estimate, decay 0.9)",
+  "measured": f"measured after the epoch: noise_stability_measure, "
+  f"{CURVATURE_DRAWS} antithetic pairs on the Hessian's examples",
+}
+"""How each ``source`` of the per-epoch trace was obtained."""
+
+
+def _defined(values: np.ndarray, defined: np.ndarray) -> list[Any]:
+  """``values`` as nested lists, ``None`` where not ``defined`` (no reading yet)."""
+  return np.where(defined, values, None).tolist()
+
+
+def _seed_mean(values: np.ndarray, stderrs: np.ndarray, count: np.ndarray) -> Any:
+  """Per epoch: the mean over seeds and its standard error from theirs."""
+  mean = values.mean(0)
+  stderr = np.sqrt(np.sum(np.square(stderrs), 0)) / len(values)
+  return _defined(mean, count.min(0) >= 1), _defined(stderr, count.min(0) >= 2)
+
+
+def curvature_json(curvature: classifier.CurvatureCurves) -> dict[str, Any]:
+  """The trace after each epoch as JSON: per seed, and the mean over seeds.
+
+  ``trace`` is ``2 gap / sigma**2``; ``relative_gap`` the gap over the clean
+  loss; each with its standard error (``None`` before a reading defines
+  it); the ``*_mean`` entries are over seeds, with the standard error of
+  the mean from the seeds' errors. ``extra_seconds`` is what the
+  measurements added to the run (0 for readings).
+  """
+  count = np.asarray(curvature.count)
+  trace_mean, trace_mean_stderr = _seed_mean(
+    curvature.trace, curvature.trace_stderr, count
+  )
+  gap_mean, gap_mean_stderr = _seed_mean(
+    curvature.relative_gap, curvature.relative_gap_stderr, count
+  )
+  return {
+    "source": curvature.source,
+    "how": CURVATURE_SOURCES[curvature.source],
+    "sigma": curvature.sigma,
+    "epochs": list(range(1, count.shape[1] + 1)),
+    "trace_mean": trace_mean,
+    "trace_mean_stderr": trace_mean_stderr,
+    "relative_gap_mean": gap_mean,
+    "relative_gap_mean_stderr": gap_mean_stderr,
+    "trace": _defined(curvature.trace, count >= 1),
+    "trace_stderr": _defined(curvature.trace_stderr, count >= 2),
+    "relative_gap": _defined(curvature.relative_gap, count >= 1),
+    "relative_gap_stderr": _defined(curvature.relative_gap_stderr, count >= 2),
+    "readings": count.tolist(),
+    "extra_seconds": curvature.seconds,
+  }
+
+
 def summarise(
   name: str, trained: classifier.Trained, curvatures: list[measures.Curvature]
 ) -> OptimizerResult:
@@ -113,6 +174,9 @@ def summarise(
       "grid": np.asarray(density.grid).tolist(),
       "density": np.asarray(density.density).tolist(),
     },
+    curvature_during_training=None
+    if trained.curvature is None
+    else curvature_json(trained.curvature),
   )
 
 
@@ -158,11 +222,14 @@ def _train_and_measure(
   measure = measures.classifier_measure(
     data, config.hidden, config.hessian_samples, config.measure_plan()
   )
+  watch = classifier.CurvatureWatch(
+    measures.measured_batch(data, config.hessian_samples), CURVATURE_DRAWS
+  )
   rows, seed0 = [], {}
   with output.ProgressBars(config.progress) as progress:
     for name in config.optimizers:
       plan = optimizers.Plan(name, config, optimizers.LABELS[name])
-      trained = classifier.train(plan, data, progress, context.safe_point)
+      trained = classifier.train(plan, data, progress, context.safe_point, watch=watch)
       curvatures = measures.measure_seeds(
         measure,
         trained.params,
@@ -217,6 +284,9 @@ def _run(config: Config, context: RunContext) -> dict[str, Any]:
   if plots:
     writers["curves.png"] = lambda path: output.draw_training_curves(rows, path)
     writers["spectrum.png"] = lambda path: output.draw_spectrum(rows, path)
+    writers["curvature.png"] = lambda path: output.draw_curvature_during_training(
+      rows, path
+    )
     writers["landscape.png"] = lambda path: output.draw_landscape(
       landscapes.lines, landscapes.planes, optimizers.LABELS, path
     )

@@ -448,6 +448,59 @@ def draw_spectrum(rows: Sequence[OptimizerResult], path: str) -> None:
   save(fig, path, dpi=120)
 
 
+def _as_floats(values: Any) -> np.ndarray:
+  """A JSON list with ``None`` (not yet defined) as a float array with NaN."""
+  return np.array(values, dtype=float)
+
+
+def draw_curvature_during_training(rows: Sequence[OptimizerResult], path: str) -> None:
+  """The Hessian's trace and relative gap after each epoch, per optimizer, as a PNG.
+
+  NSO's free readings (solid) and the measurements of the other optimizers
+  (dashed, dots) on the same axes; each line is the mean over seeds with a
+  band of ± its standard error. A cross marks each trained model's
+  Hutchinson trace (the mean over seeds) at the last epoch.
+  """
+  plt = pyplot()
+  fig, (ax_trace, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
+  for index, row in enumerate(rows):
+    curvature = row.curvature_during_training
+    if curvature is None:
+      continue
+    reads = curvature["source"] == "readings"
+    style = {"ls": "-"} if reads else {"ls": "--", "marker": ".", "ms": 4}
+    label = f"{row.label} ({'free readings' if reads else 'measured'})"
+    epochs = np.asarray(curvature["epochs"])
+    for ax, key in ((ax_trace, "trace"), (ax_gap, "relative_gap")):
+      mean = _as_floats(curvature[f"{key}_mean"])
+      stderr = _as_floats(curvature[f"{key}_mean_stderr"])
+      ax.plot(epochs, mean, color=f"C{index}", label=label, lw=1.2, **style)
+      ax.fill_between(
+        epochs, mean - stderr, mean + stderr, color=f"C{index}", alpha=0.2
+      )
+    ax_trace.plot(epochs[-1], row.hessian_trace[0], "x", color=f"C{index}", ms=8, mew=2)
+  sigma = next(
+    (r.curvature_during_training["sigma"] for r in rows if r.curvature_during_training),
+    None,
+  )
+  ax_trace.set(
+    xlabel="epoch",
+    ylabel="tr(H) = 2 gap / sigma^2" + ("" if sigma is None else f", sigma {sigma:g}"),
+    yscale="log",
+    title="tr(H) read during training, per optimizer",
+  )
+  ax_gap.set(
+    xlabel="epoch",
+    ylabel="gap / loss",
+    yscale="log",
+    title="Relative gap (band: ± standard error of the seed mean)",
+  )
+  ax_trace.legend(
+    fontsize=8, title="x: Hutchinson tr(H) of the trained models", title_fontsize=8
+  )
+  save(fig, path, dpi=120)
+
+
 def draw_landscape(
   lines: Mapping[str, Any],
   planes: Mapping[str, Any],

@@ -49,6 +49,9 @@ class OptimizerResult:
     curves: per-epoch curves (name -> one list per seed).
     spectral_density_seed0: seed 0's Hessian spectral density, ``grid`` and
       ``density``.
+    curvature_during_training: the Hessian's trace after each epoch, read
+      from NSO's own losses or measured (see
+      :func:`nso_jax.app.job.curvature_json`); ``None`` if not followed.
   """
 
   optimizer: str
@@ -66,6 +69,7 @@ class OptimizerResult:
   train_seconds: float
   curves: dict[str, list[list[float]]]
   spectral_density_seed0: dict[str, list[float]]
+  curvature_during_training: dict[str, Any] | None = None
 
   def to_json(self) -> dict[str, Any]:
     """The row as JSON-ready values."""
