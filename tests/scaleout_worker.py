@@ -389,6 +389,73 @@ def paper_measures_on_meshes(params, x, y):
   return report
 
 
+def readings_on_a_mesh(params, x, y):
+  """curvature_readings and tune_sigma on a 2 x 2 data x noise mesh (4 of the
+  8 devices): the pairs split over `noise`, the batch over `data`; three
+  steps against one device. The controller's rate and target make it move
+  sigma by sqrt(2) a step."""
+  value_and_grad = jax.value_and_grad(loss)
+  make_nso = partial(nso_jax.nso, optax.sgd(0.1, momentum=0.9), SIGMA, 2, key=0)
+  axes = {"execution": nso_jax.batching.Execution(axis="noise"), "data_axis": "data"}
+  wrappers = {
+    "readings": nso_jax.curvature_readings,
+    "tune_sigma": partial(nso_jax.tune_sigma, target=1.0, rate=1.0),
+  }
+  mesh = mesh_of((2, 2))
+  report = {}
+  for name, wrap in wrappers.items():
+    single_tx, mesh_tx = wrap(make_nso()), wrap(make_nso(**axes))
+
+    def update(tx, params, state, x, y):
+      grad_fn = lambda p: value_and_grad(p, x, y)  # this shard's (loss, grads)
+      updates, state = tx.update(None, state, params, grad_fn=grad_fn)
+      return optax.apply_updates(params, updates), state
+
+    single = jax.jit(partial(update, single_tx))
+    on_mesh = jax.jit(
+      jax.shard_map(
+        partial(update, mesh_tx),
+        mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data")),
+        out_specs=(P(), P()),
+      )
+    )
+    replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    runs = [
+      (single, single_tx.init(params), params, x, y),
+      (
+        on_mesh,
+        jax.device_put(mesh_tx.init(params), replicated),
+        jax.device_put(params, replicated),
+        jax.device_put(x, by_example),
+        jax.device_put(y, by_example),
+      ),
+    ]
+    paths = []
+    for step, state, current, xs, ys in runs:
+      path = []
+      for _ in range(NUM_STEPS):
+        current, state = step(current, state, xs, ys)
+        readings = state[1] if name == "readings" else state[0][1]
+        sigma = state[1].last_sigma if name == "tune_sigma" else SIGMA
+        path.append((current, readings.trace, readings.relative_gap, sigma))
+      paths.append(path)
+    reference, found = paths
+    errors = [
+      [relative(a[i], b[i]) for a, b in zip(found, reference, strict=True)]
+      for i in range(4)
+    ]
+    report[name] = {
+      "params": errors[0],
+      "trace": errors[1],
+      "relative_gap": errors[2],
+      "sigma": errors[3],
+      "sigmas": [float(point[3]) for point in reference],
+      "traces": [float(point[1]) for point in reference],
+    }
+  return report
+
+
 def mesh_example():
   """``python -m benchmarks.scaleout --mesh data=2,noise=2 --k 3 --steps 2
   --repeats 1``, run in this process (4 of its 8 devices): the lines it prints."""
@@ -414,6 +481,7 @@ def main():
         "per_shard_noise": per_shard_noise(params, x, y),
         "hessian": hessian_on_meshes(params, x, y),
         "paper_measures": paper_measures_on_meshes(params, x, y),
+        "readings": readings_on_a_mesh(params, x, y),
         "mesh_example": mesh_example(),
       }
     )

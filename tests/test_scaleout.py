@@ -2,7 +2,8 @@
 
 The worker runs in a fresh process (the device count is fixed when JAX
 starts) on meshes ``data x noise`` of 8x1, 1x8, 4x2 and 2x4, and compares
-with one device; it also runs the mesh example of ``benchmarks/scaleout.py``.
+with one device; it also runs the curvature readings and the sigma controller
+on a 2x2 mesh, and the mesh example of ``benchmarks/scaleout.py``.
 """
 
 import pytest
@@ -98,6 +99,26 @@ def test_paper_measures_split_over_a_mesh_axis_equal_one_devices(report, run):
     "trace_bound_term",
   ):
     assert result[measure] < 1e-6, measure
+
+
+@pytest.mark.parametrize("wrapper", ["readings", "tune_sigma"])
+def test_readings_and_the_sigma_controller_on_a_mesh_equal_one_devices(report, wrapper):
+  # curvature_readings, and tune_sigma (which reads them and scales sigma),
+  # on a 2 x 2 data x noise mesh, three steps: one device's parameters and
+  # sigmas up to float32 summation order.
+  result = report["readings"][wrapper]
+  assert max(result["params"]) < 1e-6
+  assert max(result["sigma"]) < 1e-6
+  # The gap is a difference of nearly equal losses: their rounding, about
+  # 1e-7 of the loss, is about 1e-5 of the gap here.
+  assert max(result["trace"]) < 1e-4
+  assert max(result["relative_gap"]) < 1e-4
+  assert min(result["traces"]) > 0
+  sigmas = result["sigmas"]
+  if wrapper == "tune_sigma":  # it moved sigma, by sqrt(2) a step
+    assert sigmas[-1] > 1.9 * sigmas[0]
+  else:
+    assert sigmas == [0.05] * 3
 
 
 def test_the_mesh_example_trains_and_reduces_once(report):
