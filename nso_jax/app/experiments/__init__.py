@@ -11,6 +11,8 @@ summaries), ``results.md`` (tables) and PNG plots into ``--out``:
   (:mod:`.label_noise`);
 * ``matrix-sensing``: the paper's synthetic low-rank recovery
   (:mod:`.matrix_sensing`);
+* ``mnist1d``: MNIST-1D, an MLP and a 1-D CNN, clean and flipped labels,
+  with NSO's fixed, filter-wise and self-tuning sigma (:mod:`.mnist1d`);
 * ``sigma-sweep`` and ``k-sweep``: NSO's settings on noisy labels
   (:mod:`.sweeps`).
 
@@ -30,6 +32,7 @@ from nso_jax.app import settings as settings_lib
 from nso_jax.app.experiments import finetune
 from nso_jax.app.experiments import label_noise
 from nso_jax.app.experiments import matrix_sensing
+from nso_jax.app.experiments import mnist1d
 from nso_jax.app.experiments import sweeps
 from nso_jax.app.interrupts import RunContext
 from nso_jax.app.interrupts import run_interruptibly
@@ -60,6 +63,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     matrix_sensing.Settings,
     matrix_sensing.run,
     "the paper's low-rank matrix sensing (d=100, r=5): GD against NSO",
+  ),
+  "mnist1d": Experiment(
+    mnist1d.Settings,
+    mnist1d.run,
+    "MNIST-1D, MLP and 1-D CNN, clean and 20%% flipped labels: SGD, SAM, RWP, "
+    "NSO (a sigma grid, filter-wise, self-tuning)",
   ),
   "sigma-sweep": Experiment(
     sweeps.SigmaSettings,
