@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nso_jax._src import checks
+from nso_jax._src import selection
 from nso_jax._src.checks import PyTree
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -286,22 +287,7 @@ def _check_leaf_scales(leaf_scales: Any) -> None:
 def _leaf_factors(
   leaf_scales: Any, params: PyTree, paths_and_leaves: list[Any]
 ) -> list[Any]:
-  if callable(leaf_scales) and jax.tree_util.all_leaves([leaf_scales]):
-    factors = [leaf_scales(path, w) for path, w in paths_and_leaves]
-  else:
-    try:
-      broadcast = jax.tree.map(
-        lambda value, subtree: jax.tree.map(lambda _: value, subtree),
-        leaf_scales,
-        params,
-      )
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-        "`sigma` per leaf must be a pytree of floats whose structure is a "
-        f"prefix of `params`; got {jax.tree.structure(leaf_scales)} for params "
-        f"{jax.tree.structure(params)}."
-      ) from error
-    factors = jax.tree.leaves(broadcast)
+  factors = selection.per_leaf(leaf_scales, params, "sigma", "float")
   for (path, _), value in zip(paths_and_leaves, factors, strict=True):
     checks.check_scalar(
       value, f"sigma at {jax.tree_util.keystr(path) or '(root)'}", minimum=0.0

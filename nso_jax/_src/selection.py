@@ -23,31 +23,41 @@ def check_filter_signature(param_filter: Callable[..., Any]) -> None:
   checks.check_signature(param_filter, "param_filter", 2, FILTER_SIGNATURE)
 
 
+def per_leaf(spec: Any, params: PyTree, name: str, kind: str) -> list[Any]:
+  """One value per leaf of ``params`` (in leaf order) from ``spec``.
+
+  ``spec`` is a function ``(path, leaf) -> value`` or a pytree of values
+  whose structure is a prefix of ``params`` (each value then holds for the
+  leaves below it). A ``spec`` of another structure is refused, naming
+  ``name`` and the ``kind`` of value expected.
+  """
+  # A function is a pytree leaf; a callable pytree node (an Equinox module of
+  # bools, such as a filter spec) is a pytree of values.
+  if callable(spec) and jax.tree_util.all_leaves([spec]):
+    return [
+      spec(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    ]
+  try:
+    broadcast = jax.tree.map(
+      lambda value, subtree: jax.tree.map(lambda _: value, subtree), spec, params
+    )
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+      f"`{name}` must be a callable (path, leaf) -> {kind} or a pytree of "
+      f"{kind}s whose structure is a prefix of `params`; got "
+      f"{jax.tree.structure(spec)} for params {jax.tree.structure(params)}."
+    ) from error
+  return jax.tree.leaves(broadcast)
+
+
 def selection_mask(params: PyTree, param_filter: ParamFilter) -> list[bool]:
   """Whether each leaf of ``params`` (in leaf order) is selected."""
   leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
   if param_filter is None:
     return [True] * len(leaves_with_path)
-  # A function is a pytree leaf; a callable pytree node (an Equinox module of
-  # bools, such as a filter spec) is a pytree of flags.
   if callable(param_filter) and jax.tree_util.all_leaves([param_filter]):
     check_filter_signature(param_filter)
-    mask = [param_filter(path, leaf) for path, leaf in leaves_with_path]
-  else:
-    try:
-      broadcast = jax.tree.map(
-        lambda flag, subtree: jax.tree.map(lambda _: flag, subtree),
-        param_filter,
-        params,
-      )
-    except (ValueError, TypeError) as error:
-      raise ValueError(
-        "`param_filter` must be a callable (path, leaf) -> bool or a pytree "
-        "of bools whose structure is a prefix of `params`; got "
-        f"{jax.tree.structure(param_filter)} for params "
-        f"{jax.tree.structure(params)}."
-      ) from error
-    mask = jax.tree.leaves(broadcast)
+  mask = per_leaf(param_filter, params, "param_filter", "bool")
   for flag in mask:
     if not isinstance(flag, (bool, np.bool_)):
       raise ValueError(
