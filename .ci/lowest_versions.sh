@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lowest declared versions: a fresh virtual environment with every direct
 # requirement at its lower bound (.ci/lowest_pins.py), then the core, Hessian,
-# Flax, checkpoint, Equinox and command tests and the docstring examples.
+# Flax, checkpoint, Equinox and command tests, the curvature readings, the
+# self-tuning sigma, noise geometry and LoRA recipes, and the docstring examples.
 # pytest's exit code 5 (no tests) fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +22,5 @@ python -m pytest -q -p no:cacheprovider --doctest-modules \
   tests/test_equinox.py tests/test_bad_input_sweep.py tests/test_cli.py \
   tests/test_param_filter.py tests/test_flatness.py tests/test_policy_faults.py \
   tests/test_limit_faults.py tests/test_checkpoint_faults.py tests/test_readings.py \
-  tests/test_command_faults.py
+  tests/test_command_faults.py tests/test_geometry.py tests/test_sigma_tuning.py \
+  tests/test_lora_recipe.py
