@@ -40,7 +40,7 @@ def test_matched_trace_interpolates_at_the_first_crossing():
   np.testing.assert_allclose(
     mnist1d.matched_trace(losses, traces, np.sqrt(0.5)), 4.0, rtol=1e-12
   )
-  assert np.isnan(mnist1d.matched_trace(losses, traces, 0.1))
+  assert mnist1d.matched_trace(losses, traces, 0.1) is None
 
 
 def test_tiny_run_writes_valid_results(tmp_path):
@@ -80,8 +80,10 @@ def test_tiny_run_writes_valid_results(tmp_path):
   level = config["matched_loss"]["level"]
   for row in rows.values():
     assert row["total_gradient_evaluations"] == 4
-    for metric in ("final_test_accuracy", "hessian_trace", "trace_at_matched_loss"):
+    for metric in ("final_test_accuracy", "hessian_trace", "top_eigenvalue"):
       assert np.isfinite(row["per_seed"][metric]).all(), metric
     assert min(row["curves"]["track_train_loss"][0]) <= level + 1e-6
+  traces = config["matched_loss"]["traces"]["nso-0.05"]
+  assert traces["reached"] == 1 and np.isfinite(traces["per_seed"]).all()
   assert config["best_fixed_sigma"] == 0.05
   assert (out / "results.md").read_text().startswith("# mnist1d")

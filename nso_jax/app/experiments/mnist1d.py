@@ -103,7 +103,6 @@ COLUMNS: list[output.Column] = [
   ("final_train_loss", "train loss", output.fmt(3)),
   ("hessian_trace", "tr(H)", output.fmt(3)),
   ("top_eigenvalue", "top eigenvalue", output.fmt(3)),
-  ("trace_at_matched_loss", "tr(H) at matched loss", output.fmt(3)),
   ("final_sigma", "final sigma", output.fmt(3)),
 ]
 
@@ -129,7 +128,7 @@ class Settings(settings_lib.Settings):
   )
   seeds: int = setting(5)
   epochs: int = setting(
-    30, help="epochs of the methods at 2 gradients per step (SGD: twice as many)"
+    20, help="epochs of the methods at 2 gradients per step (SGD: twice as many)"
   )
   train_examples: int = setting(
     4000,
@@ -150,8 +149,9 @@ class Settings(settings_lib.Settings):
   filter_sigma: float = setting(
     0.05, Spec(Real(0.0), "filter-wise NSO: noise std relative to each filter's norm")
   )
-  target: float = setting(
-    0.1, Spec(Real(0.0), "self-tuning NSO: the relative loss gap it tracks")
+  targets: tuple[float, ...] = setting(
+    (0.1, 0.01),
+    Spec(Values(Real(0.0)), "self-tuning NSO: the relative loss gaps it tracks"),
   )
   rho: float = setting(0.05)
   hessian_samples: int = setting(1000)
@@ -346,7 +346,7 @@ def make_optimizer(method: str, settings: Settings) -> tuple[Any, str]:
     sigma = nso_jax.filterwise(settings.filter_sigma)
     return nso_jax.nso(base, sigma, key=0), "perturbed"
   tuned = nso_jax.tune_sigma(
-    nso_jax.nso(base, settings.sigma, key=0), target=settings.target
+    nso_jax.nso(base, settings.sigma, key=0), target=settings.targets[0]
   )
   return tuned, "value"
 
@@ -453,6 +453,7 @@ class Run:
 
   Attributes:
     method: the method.
+    target: the self-tuning NSO's target, else ``None``.
     lanes: ``(seed, sigma)`` per lane (sigma: the grid's, else ``nan``).
     epochs: epochs trained.
     params: the final parameters, stacked over lanes.
@@ -466,6 +467,7 @@ class Run:
   """
 
   method: str
+  target: float | None
   lanes: list[tuple[int, float]]
   epochs: int
   params: Any
@@ -524,8 +526,10 @@ def train_run(
       track_trace.append(np.asarray(track(params, *subset)))
     advance()
     safe_point()
+  tuned = method == "nso-tuned"
   return Run(
     method=method,
+    target=settings.targets[0] if tuned else None,
     lanes=lanes,
     epochs=epochs,
     params=params,
@@ -539,24 +543,35 @@ def train_run(
   )
 
 
+LEARNED = 0.8
+"""A run has learned when its lowest tracked loss is below this share of its first."""
+
+
 def matched_level(runs: list[Run]) -> float:
-  """The training loss every run reaches: the largest of the runs' lowest losses.
+  """The training loss every run that learned reaches.
 
-  Over every lane of every run (the whole sigma grid included), the lowest
-  training loss recorded at a trace point; the level is the largest of these.
+  Over every lane of every run (the whole sigma grid included) whose lowest
+  training loss at a trace point is at most :data:`LEARNED` times its loss
+  at the start, the largest of those lowest losses (over all lanes, if none
+  learned). A run that did not learn (stuck near chance) is left out: it
+  reaches no loss the others pass through late in training.
   """
-  return float(max(np.max(np.min(run.track_loss, axis=1)) for run in runs))
+  lowest = np.concatenate([run.track_loss.min(axis=1) for run in runs])
+  first = np.concatenate([run.track_loss[:, 0] for run in runs])
+  learned = lowest <= LEARNED * first
+  return float(np.max(lowest[learned] if learned.any() else lowest))
 
 
-def matched_trace(losses: np.ndarray, traces: np.ndarray, level: float) -> float:
+def matched_trace(losses: np.ndarray, traces: np.ndarray, level: float) -> float | None:
   """tr(H) where a run's training loss first falls to ``level``.
 
   Linear in log(loss) between the two trace points around the first
-  crossing (the first point itself, if it is already at or below ``level``).
+  crossing (the first point itself, if it is already at or below ``level``);
+  ``None`` if the loss never falls to ``level``.
   """
   below = np.nonzero(losses <= level)[0]
   if not len(below):
-    return float("nan")
+    return None
   i = int(below[0])
   if i == 0:
     return float(traces[0])
@@ -609,7 +624,7 @@ def measure_run(
 
 
 def _rows_of(
-  run: Run, metrics: dict[str, list[float]], level: float, settings: Settings
+  run: Run, metrics: dict[str, list[float]], settings: Settings
 ) -> list[MethodResult]:
   """The rows of a run: one, or one per sigma of the grid (paired by seed)."""
   sigmas = final_sigmas(run)
@@ -619,10 +634,6 @@ def _rows_of(
     "best_epoch": (run.accuracy.argmax(axis=1) + 1).tolist(),
     "final_train_loss": run.loss[:, -1].tolist(),
     **metrics,
-    "trace_at_matched_loss": [
-      matched_trace(losses, traces, level)
-      for losses, traces in zip(run.track_loss, run.track_trace, strict=True)
-    ],
   }
   if sigmas:
     per_lane["final_sigma"] = sigmas
@@ -638,11 +649,13 @@ def _rows_of(
       "track_trace": run.track_trace[part].tolist(),
     }
     method = run.method if sigma is None else f"nso-{sigma:g}"
+    if run.target is not None:
+      method += f"-{run.target:g}"
     label = LABELS[run.method] if sigma is None else f"NSO sigma={sigma:g}"
     if run.method == "nso-filterwise":
       label += f" s={settings.filter_sigma:g}"
     if run.method == "nso-tuned":
-      label += f", target {settings.target:g}"
+      label += f", target {run.target:g}"
     rows.append(
       MethodResult(
         method=method,
@@ -671,11 +684,45 @@ def best_fixed_sigma(rows: list[MethodResult]) -> MethodResult | None:
 # --- the experiment --------------------------------------------------------
 
 MATCHED_RULE = (
-  "per model and data set: the largest, over every run (method, sigma, seed), "
-  "of the lowest full training loss recorded at a trace point; tr(H) on the "
-  "tracking subset where a run's loss first falls to it, linear in log(loss) "
-  "between the two trace points around the crossing"
+  "per model and data set, the largest, over every run (method, sigma, seed) "
+  "that learned (lowest loss at most 0.8 times its loss at the start), of the "
+  "lowest full training loss recorded at a trace point; tr(H) on the tracking "
+  "subset where a run's loss first falls to it, linear in log(loss) between "
+  "the two trace points around the crossing"
 )
+
+
+def _variants(settings: Settings) -> list[tuple[str, Settings]]:
+  """``(method, settings)`` of each run: the self-tuning NSO once per target."""
+  out = []
+  for method in settings.methods:
+    targets = settings.targets if method == "nso-tuned" else (None,)
+    for target in targets:
+      one = (
+        settings if target is None else dataclasses.replace(settings, targets=(target,))
+      )
+      out.append((method, one))
+  return out
+
+
+def matched_traces(rows: list[MethodResult], level: float) -> dict[str, Any]:
+  """Per row: tr(H) at training loss ``level`` per seed (``None``: not reached)."""
+  out = {}
+  for row in rows:
+    losses, traces = (np.asarray(row.curves[name]) for name in TRACKED)
+    values = [matched_trace(*pair, level) for pair in zip(losses, traces, strict=True)]
+    reached = [value for value in values if value is not None]
+    mean, std = records.mean_std(reached) if reached else (None, None)
+    out[row.method] = {
+      "label": row.label,
+      "per_seed": values,
+      "reached": len(reached),
+      "summary": [mean, std],
+    }
+  return out
+
+
+TRACKED = ("track_train_loss", "track_trace")
 
 
 def _config(
@@ -688,25 +735,28 @@ def _config(
 ) -> dict[str, Any]:
   """Trains and measures every method on one model and data set."""
   runs = []
-  for method in settings.methods:
+  for method, variant in _variants(settings):
     factor = 2 // GRADIENTS_PER_STEP[method]
     name = f"{model}, {100 * level:g}% flipped: {method}"
     advance = progress.task(name, settings.epochs * factor)
-    runs.append(train_run(model, method, settings, data, advance, context.safe_point))
+    runs.append(train_run(model, method, variant, data, advance, context.safe_point))
   matched = matched_level(runs)
   rows, seconds = [], {}
   for run in runs:
     start = time.perf_counter()
     metrics = measure_run(run, model, settings, data, context.safe_point)
-    rows += _rows_of(run, metrics, matched, settings)
+    new = _rows_of(run, metrics, settings)
+    rows += new
     measured = time.perf_counter() - start
-    seconds[run.method] = {"train_seconds": run.seconds, "measure_seconds": measured}
+    key = new[0].method if run.target is not None else run.method
+    seconds[key] = {"train_seconds": run.seconds, "measure_seconds": measured}
   params = jax.tree.map(lambda x: x[0], runs[0].params)
   return {
     "model": model,
     "noise_level": level,
     "parameters": sum(x.size for x in jax.tree.leaves(params)),
     "matched_loss": matched,
+    "matched_traces": matched_traces(rows, matched),
     "rows": rows,
     "seconds": seconds,
   }
@@ -728,12 +778,7 @@ def run(settings: Settings, context: RunContext) -> dict[str, Any]:
   return _finish(settings, configs, flipped, context)
 
 
-VERSUS = (
-  "final_test_accuracy",
-  "best_test_accuracy",
-  "hessian_trace",
-  "trace_at_matched_loss",
-)
+VERSUS = ("final_test_accuracy", "best_test_accuracy", "hessian_trace")
 """The measures compared with the best fixed sigma, paired by seed."""
 
 
@@ -742,46 +787,79 @@ def _title(config: dict[str, Any]) -> str:
   return f"{model}, {100 * config['noise_level']:g}% flipped labels"
 
 
+def matched_table(config: dict[str, Any]) -> str:
+  """tr(H) at the matched training loss, per method, as Markdown."""
+  lines = [
+    f"Training loss {config['matched_loss']:.4g}: {MATCHED_RULE}.",
+    "",
+    "| method | runs reaching it | tr(H) there (tracking subset) | final tr(H) |",
+    "| --- | ---: | ---: | ---: |",
+  ]
+  for row in config["rows"]:
+    entry = config["matched_traces"][row.method]
+    mean, std = entry["summary"]
+    there = "n/a" if mean is None else f"{mean:.3g} ± {std:.2g}"
+    final_mean, final_std = row.summary("hessian_trace")
+    lines.append(
+      f"| {row.label} | {entry['reached']} of {len(entry['per_seed'])} | {there} | "
+      f"{final_mean:.3g} ± {final_std:.2g} |"
+    )
+  return "\n".join(lines)
+
+
+def _versus_best(
+  config: dict[str, Any],
+) -> tuple[MethodResult | None, dict[str, Any], list[tuple[str, str]]]:
+  """Filter-wise and self-tuning NSO against the best fixed sigma, by seed."""
+  rows: list[MethodResult] = config["rows"]
+  best = best_fixed_sigma(rows)
+  adaptive = ("nso-filterwise", "nso-tuned")
+  compared = [row for row in rows if row.method.startswith(adaptive)]
+  if best is None or not compared:
+    return best, {}, []
+  differences = records.paired_differences([best, *compared], VERSUS, best.method)
+  labels = {row.method: row.label for row in rows}
+  columns = [column for column in COLUMNS if column[0] in VERSUS]
+  table = output.differences_table(differences, labels, columns, baseline=best.label)
+  heading = f"{_title(config)}: against the best fixed sigma ({best.label})"
+  return best, records.differences_json(differences), [(heading, table)]
+
+
 def _config_json(
   config: dict[str, Any],
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
   """A configuration's JSON and Markdown sections."""
   rows: list[MethodResult] = config["rows"]
   table = output.method_table(rows, COLUMNS[:-1])
-  best = best_fixed_sigma(rows)
-  compared = [row for row in rows if row.method in ("nso-filterwise", "nso-tuned")]
-  versus: dict[str, Any] = {}
-  sections = [(f"{_title(config)} (mean ± std over seeds)", table)]
-  note = (
-    f"tr(H) at matched loss: at training loss {config['matched_loss']:.4g} "
-    f"({MATCHED_RULE})."
-  )
-  tuned = [row for row in rows if row.method == "nso-tuned"]
-  if tuned and "final_sigma" in tuned[0].per_seed:
-    mean, std = tuned[0].summary("final_sigma")
-    note += f" Self-tuning NSO's final sigma: {mean:.3g} ± {std:.2g}."
-  sections.append((f"{_title(config)}: notes", note))
-  if best is not None and compared:
-    differences = records.paired_differences([best, *compared], VERSUS, best.method)
-    versus = records.differences_json(differences)
-    labels = {row.method: row.label for row in rows}
-    columns = [column for column in COLUMNS if column[0] in VERSUS]
-    sections.append(
-      (
-        f"{_title(config)}: against the best fixed sigma ({best.label})",
-        output.differences_table(differences, labels, columns, baseline=best.label),
-      )
-    )
+  sigmas = [
+    f"{row.label}: {row.summary('final_sigma')[0]:.3g} ± "
+    f"{row.summary('final_sigma')[1]:.2g}"
+    for row in rows
+    if row.method.startswith("nso-tuned")
+  ]
+  if sigmas:
+    table += "\n\nFinal sigma of the self-tuning NSO: " + "; ".join(sigmas) + "."
+  matched = matched_table(config)
+  best, versus, sections = _versus_best(config)
+  sections = [
+    (f"{_title(config)} (mean ± std over seeds)", table),
+    (f"{_title(config)}: tr(H) at a matched training loss", matched),
+    *sections,
+  ]
   document = {
     "model": config["model"],
     "noise_level": config["noise_level"],
     "parameters": config["parameters"],
-    "matched_loss": {"level": config["matched_loss"], "rule": MATCHED_RULE},
+    "matched_loss": {
+      "level": config["matched_loss"],
+      "rule": MATCHED_RULE,
+      "traces": config["matched_traces"],
+    },
     "best_fixed_sigma": None if best is None else best.swept_value,
     "versus_best_fixed_sigma": versus,
     "seconds": config["seconds"],
     "rows": [row.to_json() for row in rows],
-    "table": table,
+    "tables": {"results": table, "matched_loss": matched},
   }
   return document, sections
 
