@@ -108,9 +108,11 @@ def filterwise(
   (||W_f||_2 + eps)``; a leaf with at most one axis (a bias, a
   normalisation scale) is one filter. This is the filter-wise noise of
   LPF-SGD and of adaptive random weight perturbation: it is invariant to
-  rescaling a layer, as a ReLU network's function is. Since it scales with
-  the norm of a whole filter, a ``sigma`` about ``1 / sqrt(filter size)``
-  times an isotropic one perturbs each weight by a similar relative amount.
+  rescaling a layer, as a ReLU network's function is. A filter of ``n``
+  weights has a norm about ``sqrt(n)`` times its typical weight, so each
+  weight is perturbed by about ``sigma * sqrt(n)`` of its typical size:
+  ``filterwise(s / sqrt(n))`` perturbs about as much, relatively, as
+  ``elementwise(s)``.
 
   The scale is computed from the weights at each update and held fixed
   during it (the gradient does not flow through it): the step follows the
