@@ -55,8 +55,9 @@ def _versions() -> dict[str, str]:
 def _read_junit(path: pathlib.Path) -> dict[str, Any]:
   counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
   failures = []
+  ran: dict[str, int] = {}
   if not path.exists():
-    return {**counts, "failures": [], "complete": False}
+    return {**counts, "failures": [], "tests_run_per_file": ran, "complete": False}
   for case in ElementTree.parse(path).getroot().iter("testcase"):
     name = f"{case.get('classname')}::{case.get('name')}"
     outcome = "passed"
@@ -74,7 +75,9 @@ def _read_junit(path: pathlib.Path) -> dict[str, Any]:
       elif child.tag == "skipped":
         outcome = "skipped"
     counts[outcome] += 1
-  return {**counts, "failures": failures, "complete": True}
+    module = case.get("classname") or ""
+    ran[module] = ran.get(module, 0) + 1
+  return {**counts, "failures": failures, "tests_run_per_file": ran, "complete": True}
 
 
 def main(argv: list[str] | None = None) -> None:

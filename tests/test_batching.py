@@ -54,9 +54,13 @@ def test_map_indices_stacks_in_index_order(size, options):
 
 
 def test_map_keeps_memory_to_one_chunk():
-  # The scan body sees one chunk: a vmap over `chunk_size` indices.
+  # The scan body sees one chunk: a vmap over `chunk_size` indices. The chunk
+  # size is explicit: the default depends on the backend (one chunk of 12 on
+  # a GPU, where no scan is needed).
   jaxpr = jax.make_jaxpr(
-    lambda: batching.sum_indices(lambda i: jnp.ones(4) * i, 12, execution="map")
+    lambda: batching.sum_indices(
+      lambda i: jnp.ones(4) * i, 12, execution=batching.Execution("map", chunk_size=4)
+    )
   )()
   assert "scan" in str(jaxpr)
   unrolled = jax.make_jaxpr(
