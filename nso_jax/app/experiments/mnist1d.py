@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -194,17 +195,19 @@ class Settings(settings_lib.Settings):
 def generate() -> dict[str, np.ndarray]:
   """MNIST-1D's arrays ``x``, ``y``, ``x_test``, ``y_test`` from :data:`DATA_ARGS`.
 
-  Generated in memory (about a second), once per process; NumPy's global
-  random state, which the generator seeds, is restored afterwards.
+  Generated in memory (about a second), once per process; the global
+  random states of NumPy and Python, which the generator seeds, are
+  restored afterwards.
   """
   from mnist1d.data import make_dataset
   from mnist1d.utils import ObjectView
 
-  state = np.random.get_state()
+  state, python_state = np.random.get_state(), random.getstate()
   try:
     raw = make_dataset(ObjectView(dict(DATA_ARGS)))
   finally:
     np.random.set_state(state)
+    random.setstate(python_state)
   arrays = {name: np.asarray(raw[name]) for name in ("x", "y", "x_test", "y_test")}
   for array in arrays.values():
     array.flags.writeable = False
