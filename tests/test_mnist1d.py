@@ -87,3 +87,20 @@ def test_tiny_run_writes_valid_results(tmp_path):
   assert traces["reached"] == 1 and np.isfinite(traces["per_seed"]).all()
   assert config["best_fixed_sigma"] == 0.05
   assert (out / "results.md").read_text().startswith("# mnist1d")
+
+
+@pytest.mark.fault("clear")
+@pytest.mark.parametrize(
+  ("argv", "flag"),
+  [
+    (["--train-examples=100", "--batch-size=200"], "--batch-size"),
+    (["--epochs=2", "--track-points=3"], "--track-points"),
+  ],
+)
+def test_settings_that_do_not_fit_are_refused(tmp_path, capsys, argv, flag):
+  out = tmp_path / "o"
+  status = cli.main(["experiment", "mnist1d", *argv, "--no-progress", f"--out={out}"])
+  assert status == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"nso-jax: error: {flag} ") and "\n" not in err
+  assert not out.exists()
