@@ -180,7 +180,7 @@ def test_a_geometry_trains_with_every_execution_strategy_and_the_readings():
         optax.sgd(0.05), nso_jax.filterwise(0.2), 2, key=5, execution=execution
       )
     )
-    step = jax.jit(lambda state, p: tx.update(None, state, p, grad_fn=grad_fn))
+    step = jax.jit(lambda state, p, tx=tx: tx.update(None, state, p, grad_fn=grad_fn))
     state, p = tx.init(params), params
     for _ in range(3):
       updates, state = step(state, p)
@@ -198,6 +198,7 @@ def test_a_geometry_trains_with_every_execution_strategy_and_the_readings():
     (lambda: nso_jax.filterwise(-0.1), "`sigma` must be"),
     (lambda: nso_jax.elementwise(0.1, eps=-1.0), "`eps` must be"),
     (lambda: nso_jax.filterwise(0.1, filter_axis=1.5), "`filter_axis` must be an int"),
+    (lambda: nso_jax.filterwise(0.1, filter_axis=()), "`filter_axis` must be an int"),
     (lambda: nso_jax.leafwise(lambda path: 0.1), "`leaf_scales`"),
     (
       lambda: nso_jax.nso(optax.sgd(0.1), {"kernel": -0.1}, key=0),
@@ -222,6 +223,7 @@ def test_a_geometry_trains_with_every_execution_strategy_and_the_readings():
     "negative",
     "eps",
     "axis_type",
+    "axis_empty",
     "fn_arity",
     "tree_negative",
     "measure_schedule",
@@ -247,3 +249,43 @@ def test_a_geometry_that_does_not_fit_the_parameters_is_refused_at_init(sigma, m
   tx = nso_jax.nso(optax.sgd(0.1), sigma, key=0)
   with pytest.raises(ValueError, match=match):
     tx.init(PARAMS)
+
+
+def test_layers_stacked_in_one_leaf_keep_their_own_filter_norms():
+  stacked = jnp.stack([PARAMS["kernel"], 100 * PARAMS["kernel"]])
+  std = nso_jax.noise_std(nso_jax.filterwise(0.1, filter_axis=(0, -1)), stacked)
+  for layer in range(2):
+    alone = nso_jax.noise_std(nso_jax.filterwise(0.1), stacked[layer])
+    np.testing.assert_allclose(std[layer], alone, rtol=1e-6)
+
+
+@pytest.mark.fault("correct")
+def test_a_geometry_whose_noise_rounds_away_in_bfloat16_warns():
+  weights = jnp.full((256,), 1.7, jnp.bfloat16)
+  with pytest.warns(UserWarning, match=r"sigma=elementwise\(0.0001\) is too small"):
+    nso_jax.noise_stability(nso_jax.elementwise(1e-4, eps=0.0), key=0).init(weights)
+
+
+@pytest.mark.fault("clear")
+def test_a_per_leaf_sigma_missing_a_leaf_outside_the_filter_says_what_to_give():
+  tx = nso_jax.noise_stability(
+    {"kernel": 0.1}, key=0, param_filter={"kernel": True, "bias": False}
+  )
+  with pytest.raises(ValueError, match=r"Give every leaf a value, 0\.0 where no noise"):
+    tx.init(PARAMS)
+
+
+@pytest.mark.fault("correct")
+def test_tuning_accepts_an_integer_leaf_that_the_filter_excludes():
+  params = {**PARAMS, "step": jnp.array(3, jnp.int32)}
+  inner = nso_jax.nso(
+    optax.identity(),
+    nso_jax.elementwise(0.1),
+    2,
+    key=0,
+    param_filter=lambda path, w: "step" not in str(path),
+  )
+  tx = nso_jax.tune_sigma(inner, target=0.05)
+  grad_fn = jax.value_and_grad(lambda p: quadratic_loss(p) + 1.0, allow_int=True)
+  _, state = tx.update(None, tx.init(params), params, grad_fn=grad_fn)
+  assert int(state[0][1].count) == 1

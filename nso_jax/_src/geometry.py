@@ -42,7 +42,7 @@ class NoiseScale:
     leaf_scales: for ``"leafwise"``, the factor of each leaf: a pytree of
       floats whose structure is a prefix of the parameters', or a function
       ``(path, leaf) -> float``.
-    filter_axis: for ``"filterwise"``, the axis indexing the filters.
+    filter_axis: for ``"filterwise"``, the axis (or axes) indexing the filters.
     eps: added to the norm (``"filterwise"``) or to ``|w|``
       (``"elementwise"``), so that zero weights still get noise.
   """
@@ -50,7 +50,7 @@ class NoiseScale:
   sigma: ScalarOrSchedule
   geometry: str
   leaf_scales: Any = None
-  filter_axis: int = -1
+  filter_axis: int | tuple[int, ...] = -1
   eps: float = 0.0
 
   def __post_init__(self) -> None:
@@ -60,10 +60,17 @@ class NoiseScale:
     else:
       checks.check_scalar(self.sigma, "sigma", minimum=0.0)
     checks.check_scalar(self.eps, "eps", minimum=0.0)
-    if isinstance(self.filter_axis, (bool, np.bool_)) or not isinstance(
-      self.filter_axis, (int, np.integer)
+    axes = (
+      self.filter_axis if isinstance(self.filter_axis, tuple) else (self.filter_axis,)
+    )
+    if not axes or any(
+      isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer))
+      for a in axes
     ):
-      raise ValueError(f"`filter_axis` must be an int axis, got {self.filter_axis!r}.")
+      raise ValueError(
+        "`filter_axis` must be an int axis or a non-empty tuple of int axes, got "
+        f"{self.filter_axis!r}."
+      )
     if self.geometry == "leafwise":
       _check_leaf_scales(self.leaf_scales)
 
@@ -96,7 +103,7 @@ def leafwise(leaf_scales: LeafScales, sigma: ScalarOrSchedule = 1.0) -> NoiseSca
 
 
 def filterwise(
-  sigma: ScalarOrSchedule, *, filter_axis: int = -1, eps: float = 0.0
+  sigma: ScalarOrSchedule, *, filter_axis: int | tuple[int, ...] = -1, eps: float = 0.0
 ) -> NoiseScale:
   r"""Noise scaled by each filter's norm: ``U = sigma * (||W_f|| + eps) * Z``.
 
@@ -121,7 +128,14 @@ def filterwise(
   Args:
     sigma: the factor, a float >= 0 or a schedule.
     filter_axis: the axis of each leaf (of two or more axes) indexing its
-      filters.
+      filters, or a tuple of axes, each combination of their indices one
+      filter: for layers stacked in one leaf along axis 0 (``nn.scan``,
+      ``nnx.vmap`` over layers) pass ``(0, -1)``, so that each layer's
+      filters have their own norms (a stacked bias ``(layers, out)`` then
+      gets ``|b|`` per entry). The norm is taken over the leaf's values as
+      the computation sees them: under :func:`jax.jit` those of the whole
+      array, however it is sharded; inside :func:`jax.shard_map` over
+      parameters split along the summed axes, those of the local shard.
     eps: added to each filter's norm, >= 0.
 
   Returns:
@@ -191,25 +205,30 @@ def split(sigma: Any) -> tuple[Any, NoiseScale | None]:
   return sigma, None
 
 
-def relative_scales(scale: NoiseScale | None, params: PyTree) -> list[Any] | None:
+def relative_scales(
+  scale: NoiseScale | None, params: PyTree, mask: list[bool] | None = None
+) -> list[Any] | None:
   """``S(W)`` per leaf of ``params`` (``None`` for isotropic noise), float32.
 
   Each entry broadcasts against its leaf; it is held constant (no gradient).
+  Leaves that ``mask`` excludes, and non-float leaves, get ``None``.
   """
   if scale is None:
     return None
   paths_and_leaves = jax.tree_util.tree_leaves_with_path(params)
+  keep = [True] * len(paths_and_leaves) if mask is None else mask
   if scale.geometry == "leafwise":
-    return _leaf_factors(scale.leaf_scales, params, paths_and_leaves)
+    factors = _leaf_factors(scale.leaf_scales, params, paths_and_leaves)
+    return [f if k else None for f, k in zip(factors, keep, strict=True)]
   scales: list[Any] = []
-  for _, w in paths_and_leaves:
-    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-      scales.append(None)  # a frozen non-float leaf gets no noise
+  for (_, w), k in zip(paths_and_leaves, keep, strict=True):
+    if not k or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+      scales.append(None)  # no noise on this leaf
       continue
     magnitude = jnp.abs(jax.lax.stop_gradient(jnp.asarray(w)).astype(jnp.float32))
     if scale.geometry == "filterwise" and magnitude.ndim >= 2:
-      axis = _check_axis(scale.filter_axis, magnitude.ndim)
-      others = tuple(a for a in range(magnitude.ndim) if a != axis)
+      axes = _filter_axes(scale.filter_axis, magnitude.ndim)
+      others = tuple(a for a in range(magnitude.ndim) if a not in axes)
       magnitude = jnp.sqrt(jnp.sum(magnitude**2, axis=others, keepdims=True))
     elif scale.geometry == "filterwise":
       magnitude = jnp.sqrt(jnp.sum(magnitude**2))
@@ -263,13 +282,15 @@ def _scale_shape(s: Any, w: Any) -> tuple[int, ...]:
   return jnp.shape(w) if jnp.ndim(s) == jnp.ndim(w) and jnp.ndim(s) else ()
 
 
-def _check_axis(axis: int, ndim: int) -> int:
-  if not -ndim <= axis < ndim:
-    raise ValueError(
-      f"`filter_axis`={axis} is out of range for a leaf of {ndim} axes: "
-      f"expected an axis in [{-ndim}, {ndim})."
-    )
-  return axis % ndim
+def _filter_axes(filter_axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  axes = (filter_axis,) if isinstance(filter_axis, (int, np.integer)) else filter_axis
+  for axis in axes:
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+        f"`filter_axis`={filter_axis} is out of range for a leaf of {ndim} axes: "
+        f"expected axes in [{-ndim}, {ndim})."
+      )
+  return tuple(int(axis) % ndim for axis in axes)
 
 
 def _check_leaf_scales(leaf_scales: Any) -> None:
@@ -289,7 +310,14 @@ def _check_leaf_scales(leaf_scales: Any) -> None:
 def _leaf_factors(
   leaf_scales: Any, params: PyTree, paths_and_leaves: list[Any]
 ) -> list[Any]:
-  factors = selection.per_leaf(leaf_scales, params, "sigma", "float")
+  factors = selection.per_leaf(
+    leaf_scales,
+    params,
+    "sigma",
+    "float",
+    " Give every leaf a value, 0.0 where no noise is wanted (leaves outside "
+    "`param_filter` too: their value is not used).",
+  )
   for (path, _), value in zip(paths_and_leaves, factors, strict=True):
     checks.check_scalar(
       value, f"sigma at {jax.tree_util.keystr(path) or '(root)'}", minimum=0.0

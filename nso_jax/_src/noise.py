@@ -271,10 +271,12 @@ def held_share(
   key: jax.Array,
   noise: NoiseName | LeafSampler,
   param_filter: selection.ParamFilter,
+  scales: list[Any] | None = None,
 ) -> jax.Array:
   r"""The share of the noise ``U`` that ``W + U`` holds in the leaves' dtypes.
 
-  ``U = sigma * sample_noise(fold_in(key, 0), tree, noise)`` and
+  ``U = sigma * S * sample_noise(fold_in(key, 0), tree, noise)`` (``S`` a
+  noise geometry's per-leaf ``scales``, 1 without) and
   :math:`\lVert (W + U) - W \rVert^2 / \lVert U \rVert^2`, in float32 over
   the leaves of ``tree`` in half precision that ``mask`` selects, with ``U``
   and ``W + U`` rounded to each leaf's dtype as they are stored (``W`` too:
@@ -287,9 +289,10 @@ def held_share(
     key: a typed PRNG key; draw 0 is ``fold_in(key, 0)``.
     noise: the distribution (see :func:`sample_noise`).
     param_filter: the leaves perturbed (see :func:`selection.selection_mask`).
+    scales: ``S`` per leaf, in leaf order (see ``geometry.relative_scales``).
   """
   mask = tuple(selection.selection_mask(tree, param_filter))
-  return _held_share(tree, sigma, key, noise=noise, mask=mask)
+  return _held_share(tree, sigma, key, scales, noise=noise, mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=("noise", "mask"))
@@ -297,6 +300,7 @@ def _held_share(
   tree: checks.PyTree,
   sigma: Any,
   key: jax.Array,
+  scales: list[Any] | None,
   *,
   noise: NoiseName | LeafSampler,
   mask: tuple[bool, ...],
@@ -311,10 +315,12 @@ def _held_share(
     return jnp.ones([], jnp.float32)
   z = jax.tree.leaves(sample_noise(jax.random.fold_in(key, 0), tree, noise))
   held, asked = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
-  for is_half, w, zi in zip(half, leaves, z, strict=True):
+  per_leaf = [None] * len(leaves) if scales is None else scales
+  for is_half, w, zi, si in zip(half, leaves, z, per_leaf, strict=True):
     if is_half:
       dtype = jnp.result_type(w)
-      scale = round_to(jnp.asarray(sigma, jnp.float32), dtype)
+      std = jnp.asarray(sigma, jnp.float32) * (1.0 if si is None else si)
+      scale = round_to(std, dtype)
       u = round_to(round_to(zi.astype(jnp.float32), dtype) * scale, dtype)
       w32 = round_to(jnp.asarray(w, jnp.float32), dtype)
       moved = round_to(w32 + u, dtype) - w32
@@ -329,6 +335,7 @@ def rounding_problem(
   key: jax.Array,
   noise: NoiseName | LeafSampler,
   param_filter: selection.ParamFilter,
+  scales: list[Any] | None = None,
 ) -> str | None:
   """Why noise of scale ``sigma`` rounds away in ``tree``'s half-precision leaves.
 
@@ -337,7 +344,9 @@ def rounding_problem(
   with traced ones (or a traced key) only the dtypes are known, and ``sigma``
   is compared with half the spacing of each selected half-precision dtype's
   numbers near 1.0. A traced ``sigma``, or one that is not positive, is not
-  tested.
+  tested. With a noise geometry's per-leaf ``scales`` (its ``sigma`` the
+  geometry's factor), only concrete leaves are tested: the scales depend on
+  their values.
 
   Returns:
     What is wrong with ``sigma``, to complete "sigma=... is ...", or ``None``.
@@ -360,11 +369,13 @@ def rounding_problem(
     return None
   names = ", ".join(sorted(d.name for d in half))
   if checks.is_traced(key) or any(checks.is_traced(w) for w in leaves):
+    if scales is not None:
+      return None
     spacing = max(float(jnp.finfo(d).eps) for d in half)
     if float(sigma) >= spacing / 2:
       return None
     return f"below half the spacing of {names} numbers near 1.0 ({spacing:.3g})"
-  share = float(held_share(tree, float(sigma), key, noise, param_filter))
+  share = float(held_share(tree, float(sigma), key, noise, param_filter, scales))
   if share >= MIN_HELD_SHARE:
     return None
   return f"too small for the {names} parameters: {share:.0%} of the noise is held"

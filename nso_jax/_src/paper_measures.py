@@ -212,10 +212,13 @@ def noise_stability_measure(
   # Validates params, data, loss_fn and param_filter as every measure does.
   operators.hessian_operator(loss_fn, params, data, param_filter=param_filter)
   selected, merge = selection.select(params, param_filter)
-  scales = geometry.relative_scales(noise_scale, selected)
-  if scales is None:
-    _warn_if_noise_rounds_away(selected, sigma, key, noise)
-    scales = [None] * len(jax.tree.leaves(selected))
+  mask = selection.selection_mask(params, param_filter)
+  scales = geometry.relative_scales(noise_scale, params, mask)
+  scales = (
+    None if scales is None else [s for s, k in zip(scales, mask, strict=True) if k]
+  )
+  _warn_if_noise_rounds_away(selected, sigma, key, noise, scales)
+  scales = scales or [None] * len(jax.tree.leaves(selected))
   # A traced sigma follows NSO's run-time policy: an invalid one gives NaN.
   sigma = checks.nan_unless_valid(sigma, minimum=0.0)
   plan = data_plans.make_plan(data)
@@ -255,7 +258,7 @@ def noise_stability_measure(
 
 
 def _warn_if_noise_rounds_away(
-  selected: PyTree, sigma: Any, key: jax.Array, noise: Any
+  selected: PyTree, sigma: Any, key: jax.Array, noise: Any, scales: Any
 ) -> None:
   """Warns, as NSO's ``init`` does, when half precision rounds the noise away.
 
@@ -264,7 +267,7 @@ def _warn_if_noise_rounds_away(
   ``W + U``; under ``jit``, a ``sigma`` below half the spacing of the
   dtype's numbers near 1.0.
   """
-  what = noise_lib.rounding_problem(selected, sigma, key, noise, None)
+  what = noise_lib.rounding_problem(selected, sigma, key, noise, None, scales)
   if what is not None:
     warnings.warn(
       f"noise_stability_measure: sigma={float(sigma):.3g} is {what}; W + U "

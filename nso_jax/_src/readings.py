@@ -28,6 +28,7 @@ import optax
 
 from nso_jax._src import estimator
 from nso_jax._src import mesh
+from nso_jax._src import selection
 from nso_jax._src import transform
 
 
@@ -104,8 +105,8 @@ def _the_noise_state(opt_state: Any) -> transform.NoiseStabilityState:
   return found[0]
 
 
-def _check_grad_fn(grad_fn: Any, params: Any) -> None:
-  """``grad_fn`` must return ``(value, grads)``: the value is what is read."""
+def _check_needed(grad_fn: Any, params: Any) -> None:
+  """``update`` needs ``grad_fn`` and ``params``."""
   if grad_fn is None:
     raise ValueError(
       "curvature_readings needs the gradient function: call "
@@ -117,7 +118,12 @@ def _check_grad_fn(grad_fn: Any, params: Any) -> None:
       "curvature_readings evaluates the loss at the parameters: pass them to "
       "`tx.update(grads, state, params, grad_fn=grad_fn)`."
     )
-  has_value, _, _ = estimator.gradient_shapes(grad_fn, params)
+
+
+def _check_returns_loss(grad_fn: Any, params: Any, settings: Any) -> None:
+  """``grad_fn`` must return ``(value, grads)``: the value is what is read."""
+  perturbed = selection.selection_mask(params, settings.estimator.param_filter)
+  has_value, _, _ = estimator.gradient_shapes(grad_fn, params, perturbed)
   if not has_value:
     raise ValueError(
       "`grad_fn` returns gradients only; curvature_readings reads the loss: "
@@ -292,7 +298,7 @@ def curvature_readings(
     **extra_args: Any,
   ) -> tuple[Any, tuple[Any, CurvatureReadings]]:
     inner_state, readings = state
-    _check_grad_fn(grad_fn, params)
+    _check_needed(grad_fn, params)
     seen: list[tuple[Any, Any]] = []
 
     def observe(settings: Any, sigma: Any) -> None:
@@ -304,6 +310,7 @@ def curvature_readings(
         updates, inner_state, params, grad_fn=grad_fn, **extra_args
       )
     settings, sigma = _the_step(seen)
+    _check_returns_loss(grad_fn, params, settings)
     loss = _clean_loss(grad_fn, params, settings.estimator.data_axes)
     gap = _the_noise_state(inner_state).value - loss
     return updates, (inner_state, _next_readings(readings, gap, loss, sigma, decay))

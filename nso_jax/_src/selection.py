@@ -23,13 +23,15 @@ def check_filter_signature(param_filter: Callable[..., Any]) -> None:
   checks.check_signature(param_filter, "param_filter", 2, FILTER_SIGNATURE)
 
 
-def per_leaf(spec: Any, params: PyTree, name: str, kind: str) -> list[Any]:
+def per_leaf(
+  spec: Any, params: PyTree, name: str, kind: str, hint: str = ""
+) -> list[Any]:
   """One value per leaf of ``params`` (in leaf order) from ``spec``.
 
   ``spec`` is a function ``(path, leaf) -> value`` or a pytree of values
   whose structure is a prefix of ``params`` (each value then holds for the
   leaves below it). A ``spec`` of another structure is refused, naming
-  ``name`` and the ``kind`` of value expected.
+  ``name`` and the ``kind`` of value expected, with ``hint`` appended.
   """
   # A function is a pytree leaf; a callable pytree node (an Equinox module of
   # bools, such as a filter spec) is a pytree of values.
@@ -46,6 +48,7 @@ def per_leaf(spec: Any, params: PyTree, name: str, kind: str) -> list[Any]:
       f"`{name}` must be a callable (path, leaf) -> {kind} or a pytree of "
       f"{kind}s whose structure is a prefix of `params`; got "
       f"{jax.tree.structure(spec)} for params {jax.tree.structure(params)}."
+      f"{hint}"
     ) from error
   return jax.tree.leaves(broadcast)
 

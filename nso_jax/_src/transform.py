@@ -150,8 +150,7 @@ def noise_stability(
       ``|w|``). Then ``U_j = sigma S(W) Z_j`` with ``S(W)`` computed at each
       update and held fixed during it, and the step follows the gradient of
       ``L + (1/2) tr(Sigma H)``, ``Sigma = diag(sigma**2 S(W)**2)``
-      (:func:`nso_jax.hessian.weighted_trace` measures it). The
-      half-precision warning tests a scalar ``sigma`` only.
+      (:func:`nso_jax.hessian.weighted_trace` measures it).
     num_perturbations: ``k``, the number of noise pairs per update (``2k``
       gradient evaluations; ``k`` if ``one_sided``).
     key: an int seed or a PRNG key. Required: there is no default seed.
@@ -364,7 +363,7 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
   """
   sigma, scale = geometry.split(settings.sigma)
   sigma = sigma(jnp.zeros([], jnp.int32)) if callable(sigma) else sigma
-  if checks.is_traced(sigma) or scale is not None:
+  if checks.is_traced(sigma):
     return
   what = noise_lib.rounding_problem(
     params,
@@ -372,11 +371,13 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
     jax.random.split(key)[0],
     settings.estimator.noise,
     settings.estimator.param_filter,
+    geometry.relative_scales(scale, params),
   )
   if what is None:
     return
+  given = f"{float(sigma):.3g}" if scale is None else f"{scale.geometry}({sigma:.3g})"
   warnings.warn(
-    f"noise_stability: sigma={float(sigma):.3g} is {what}; W + U rounds back "
+    f"noise_stability: sigma={given} is {what}; W + U rounds back "
     "to W and NSO drifts towards the plain gradient. Raise sigma, or keep "
     "float32 master weights and cast them to half precision inside the loss "
     "(see 'Mixed precision' in the NSO guide).",
