@@ -425,6 +425,6 @@ def noise_stability_gradient(
     params,
     checks.canonicalize_key(key),
     factor,
-    geometry.relative_scales(scale, params),
+    geometry.relative_scales(scale, params, param_filter),
   )
   return grads if value is None else (value, grads)

@@ -206,17 +206,17 @@ def split(sigma: Any) -> tuple[Any, NoiseScale | None]:
 
 
 def relative_scales(
-  scale: NoiseScale | None, params: PyTree, mask: list[bool] | None = None
+  scale: NoiseScale | None, params: PyTree, param_filter: Any = None
 ) -> list[Any] | None:
   """``S(W)`` per leaf of ``params`` (``None`` for isotropic noise), float32.
 
   Each entry broadcasts against its leaf; it is held constant (no gradient).
-  Leaves that ``mask`` excludes, and non-float leaves, get ``None``.
+  Leaves that ``param_filter`` excludes, and non-float leaves, get ``None``.
   """
   if scale is None:
     return None
   paths_and_leaves = jax.tree_util.tree_leaves_with_path(params)
-  keep = [True] * len(paths_and_leaves) if mask is None else mask
+  keep = selection.selection_mask(params, param_filter)
   if scale.geometry == "leafwise":
     factors = _leaf_factors(scale.leaf_scales, params, paths_and_leaves)
     return [f if k else None for f, k in zip(factors, keep, strict=True)]
@@ -325,8 +325,8 @@ def _leaf_factors(
   return [jnp.asarray(value, jnp.float32) for value in factors]
 
 
-def check_fits(sigma: Any, params: PyTree) -> None:
+def check_fits(sigma: Any, params: PyTree, param_filter: Any = None) -> None:
   """Raises a clear error unless ``sigma``'s geometry fits ``params``."""
   _, scale = split(sigma)
   if scale is not None:
-    jax.eval_shape(lambda p: relative_scales(scale, p), params)
+    jax.eval_shape(lambda p: relative_scales(scale, p, param_filter), params)

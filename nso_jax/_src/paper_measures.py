@@ -213,7 +213,7 @@ def noise_stability_measure(
   operators.hessian_operator(loss_fn, params, data, param_filter=param_filter)
   selected, merge = selection.select(params, param_filter)
   mask = selection.selection_mask(params, param_filter)
-  scales = geometry.relative_scales(noise_scale, params, mask)
+  scales = geometry.relative_scales(noise_scale, params, param_filter)
   scales = (
     None if scales is None else [s for s, k in zip(scales, mask, strict=True) if k]
   )

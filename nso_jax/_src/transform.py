@@ -233,7 +233,7 @@ def noise_stability(
   precision_checked: list[bool] = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
-    geometry.check_fits(settings.sigma, params)
+    geometry.check_fits(settings.sigma, params, settings.estimator.param_filter)
     if not precision_checked:  # once per transformation
       precision_checked.append(True)
       _warn_if_noise_rounds_away(settings, params, key)
@@ -267,7 +267,7 @@ def noise_stability(
       params,
       pairs_key,
       sigma_now,
-      geometry.relative_scales(scale, params),
+      geometry.relative_scales(scale, params, settings.estimator.param_filter),
     )
     grads = _mix_clean_gradient(settings, updates, params, grad_fn, grads)
     new_state = NoiseStabilityState(
@@ -371,7 +371,7 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
     jax.random.split(key)[0],
     settings.estimator.noise,
     settings.estimator.param_filter,
-    geometry.relative_scales(scale, params),
+    geometry.relative_scales(scale, params, settings.estimator.param_filter),
   )
   if what is None:
     return
