@@ -178,7 +178,7 @@ class CurvatureCurves(NamedTuple):
   trace_stderr: np.ndarray
   relative_gap: np.ndarray
   relative_gap_stderr: np.ndarray
-  count: np.ndarray
+  count: np.ndarray  # type: ignore[assignment]  # shadows tuple.count
   seconds: float
 
 
@@ -373,9 +373,18 @@ class _Watcher:
       self.seconds += time.perf_counter() - start
 
   def curves(self) -> CurvatureCurves:
-    arrays = (np.stack(values, axis=1) for values in zip(*self.points, strict=True))
+    trace, trace_stderr, gap, gap_stderr, count = [
+      np.stack(values, axis=1) for values in zip(*self.points, strict=True)
+    ]
     return CurvatureCurves(
-      "readings" if self.reads else "measured", self.sigma, *arrays, self.seconds
+      "readings" if self.reads else "measured",
+      self.sigma,
+      trace,
+      trace_stderr,
+      gap,
+      gap_stderr,
+      count,
+      self.seconds,
     )
 
 

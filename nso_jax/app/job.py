@@ -100,7 +100,7 @@ CURVATURE_SOURCES = {
 
 def _defined(values: np.ndarray, defined: np.ndarray) -> list[Any]:
   """``values`` as nested lists, ``None`` where not ``defined`` (no reading yet)."""
-  return np.where(defined, values, None).tolist()
+  return np.where(defined, values, np.array(None, dtype=object)).tolist()
 
 
 def _seed_mean(values: np.ndarray, stderrs: np.ndarray, count: np.ndarray) -> Any:
