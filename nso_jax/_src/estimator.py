@@ -142,10 +142,7 @@ def estimate(
   # A run-time sigma is checked where it is used: an invalid one gives NaN,
   # never a silently different step (a negative sigma would act as |sigma|).
   sigma = checks.nan_unless_valid(sigma, minimum=0.0)
-  if scales is None:
-    std = [sigma] * len(leaves)
-  else:  # computed once per update, outside the pairs
-    std = [sigma if s is None else sigma * s for s in scales]
+  std = geometry.leaf_std(sigma, scales, len(leaves))  # once, outside the pairs
 
   def evaluate(shift: Callable, u: list[jax.Array]) -> tuple[Any, Any]:
     """``(value, grads)`` at ``W`` shifted by ``u``, in at least float32."""

@@ -236,6 +236,13 @@ def relative_scales(
   return scales
 
 
+def leaf_std(sigma: Any, scales: list[Any] | None, num_leaves: int) -> list[Any]:
+  """The noise's standard deviation per leaf: ``sigma``, or ``sigma * S``."""
+  if scales is None:
+    return [sigma] * num_leaves
+  return [sigma if s is None else sigma * s for s in scales]
+
+
 def noise_std(sigma: Any, params: PyTree) -> PyTree:
   """The standard deviation of the noise on each parameter, ``sigma * S(W)``.
 
@@ -325,8 +332,9 @@ def _leaf_factors(
   return [jnp.asarray(value, jnp.float32) for value in factors]
 
 
-def check_fits(sigma: Any, params: PyTree, param_filter: Any = None) -> None:
-  """Raises a clear error unless ``sigma``'s geometry fits ``params``."""
-  _, scale = split(sigma)
+def check_fits(
+  scale: NoiseScale | None, params: PyTree, param_filter: Any = None
+) -> None:
+  """Raises a clear error unless the geometry ``scale`` fits ``params``."""
   if scale is not None:
     jax.eval_shape(lambda p: relative_scales(scale, p, param_filter), params)

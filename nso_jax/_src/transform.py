@@ -51,7 +51,8 @@ class _Settings:
   """What each update of :func:`noise_stability` runs with, checked once."""
 
   estimator: estimator.Estimator
-  sigma: ScalarOrSchedule
+  sigma: ScalarOrSchedule  # the scalar factor (or schedule) of the noise
+  noise_scale: geometry.NoiseScale | None  # its geometry; None: isotropic
   clean_weight: Any  # a float in [0, 1], or a traced one
   per_shard_noise: bool
 
@@ -62,8 +63,7 @@ def _make_settings(
   clean_weight: Any,
   per_shard_noise: Any,
 ) -> _Settings:
-  sigma = geometry.as_noise_scale(sigma)
-  factor, _ = geometry.split(sigma)
+  factor, noise_scale = geometry.split(sigma)
   if callable(factor):
     checks.check_scalar(factor(jnp.zeros([], jnp.int32)), "sigma(0)", minimum=0.0)
   else:
@@ -79,7 +79,9 @@ def _make_settings(
       "`per_shard_noise`=True draws each data shard's pairs from its own key: "
       "it needs `data_axis`, the mesh axis over which the batch is split."
     )
-  return _Settings(estimator_settings, sigma, clean_weight, per_shard_noise)
+  return _Settings(
+    estimator_settings, factor, noise_scale, clean_weight, per_shard_noise
+  )
 
 
 def noise_stability(
@@ -233,7 +235,7 @@ def noise_stability(
   precision_checked: list[bool] = []
 
   def init_fn(params: Any) -> NoiseStabilityState:
-    geometry.check_fits(settings.sigma, params, settings.estimator.param_filter)
+    geometry.check_fits(settings.noise_scale, params, settings.estimator.param_filter)
     if not precision_checked:  # once per transformation
       precision_checked.append(True)
       _warn_if_noise_rounds_away(settings, params, key)
@@ -252,8 +254,8 @@ def noise_stability(
     del extra_args
     grad_fn, params = _needed(grad_fn, params)
     step_key, next_key = jax.random.split(state.key)
-    factor, scale = geometry.split(settings.sigma)
-    sigma_now = factor(state.count) if callable(factor) else factor
+    sigma = settings.sigma
+    sigma_now = sigma(state.count) if callable(sigma) else sigma
     pairs_key = step_key
     if settings.per_shard_noise:
       data_axes = settings.estimator.data_axes
@@ -267,7 +269,9 @@ def noise_stability(
       params,
       pairs_key,
       sigma_now,
-      geometry.relative_scales(scale, params, settings.estimator.param_filter),
+      geometry.relative_scales(
+        settings.noise_scale, params, settings.estimator.param_filter
+      ),
     )
     grads = _mix_clean_gradient(settings, updates, params, grad_fn, grads)
     new_state = NoiseStabilityState(
@@ -361,7 +365,7 @@ def _warn_if_noise_rounds_away(settings: _Settings, params: Any, key: Any) -> No
   is not checked; a schedule is checked at step 0. The measures warn by the
   same test (``noise.rounding_problem``).
   """
-  sigma, scale = geometry.split(settings.sigma)
+  sigma, scale = settings.sigma, settings.noise_scale
   sigma = sigma(jnp.zeros([], jnp.int32)) if callable(sigma) else sigma
   if checks.is_traced(sigma):
     return
